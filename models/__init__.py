@@ -1,0 +1,1 @@
+"""Tensors: everything that touches torch and transformers lives in this package."""

@@ -1,0 +1,1 @@
+"""CodeScaler Serve: requests, batching and HTTP; no tensors in this package."""

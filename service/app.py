@@ -1,0 +1,97 @@
+"""The app factory: create_app(settings, scorer=None) wires routes, middleware and lifespan.
+
+The lifespan loads (unless a scorer is given), warms up and starts the engine in
+the background, so /health answers at once and /ready turns 200 only when the
+model can really score. No globals: every app has its own state and registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
+
+from models.base import Scorer
+from service import api, compat
+from service.engine import Engine
+from service.errors import install_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, ObserveMiddleware
+from service.settings import Settings
+
+log = logging.getLogger("codescaler.app")
+
+
+def load_scorer(settings: Settings) -> Scorer:
+    """The transformers runner configured by ``settings`` (imports torch only here)."""
+    from models.hf import HFScorer
+
+    return HFScorer(
+        settings.model, revision=settings.revision, dtype=settings.dtype, device=settings.device,
+        attn_implementation=settings.attn_implementation, max_length=settings.max_length,
+        cache_dir=settings.model_cache_dir, prefix_reuse=settings.prefix_reuse,
+        max_batch_tokens=settings.max_batch_tokens, max_batch_items=settings.max_batch_items,
+    )
+
+
+async def _bring_up(app: FastAPI, settings: Settings, scorer: Scorer | None, metrics: Metrics) -> None:
+    """Load, warm up and start; the engine appears on app.state only when it can score."""
+    try:
+        if scorer is None:
+            scorer = await asyncio.to_thread(load_scorer, settings)
+        engine = Engine(scorer, settings, metrics)
+        await engine.start()
+        app.state.engine = engine
+        log.info("ready: %s", scorer.name)
+    except Exception as exc:  # noqa: BLE001 - reported by /ready and the log, never to clients
+        app.state.load_error = exc
+        log.exception("the model could not be brought up")
+
+
+def create_app(
+    settings: Settings, scorer: Scorer | None = None, registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """A fresh app serving ``scorer`` (or the model named in ``settings``)."""
+    metrics = Metrics(registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bring_up = asyncio.create_task(_bring_up(app, settings, scorer, metrics))
+        app.state.bring_up = bring_up
+        try:
+            yield
+        finally:
+            bring_up.cancel()
+            engine: Engine | None = app.state.engine
+            if engine is not None:
+                await engine.stop()
+
+    app = FastAPI(title="CodeScaler Serve", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = None
+    app.state.draining = False
+    app.state.load_error = None
+    install_handlers(app)
+    app.include_router(api.router)
+    app.include_router(compat.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    endpoints = {path for router in (api.router, compat.router) for route in router.routes
+                 if isinstance(path := getattr(route, "path", None), str)}
+    app.add_middleware(ObserveMiddleware, metrics=metrics, endpoints=endpoints)
+    return app
+
+
+async def wait_until_ready(app: FastAPI) -> None:
+    """For tests and the offline CLI: wait for bring-up; raise what made it fail."""
+    await app.state.bring_up
+    if app.state.load_error is not None:
+        raise app.state.load_error

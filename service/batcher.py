@@ -1,0 +1,239 @@
+"""The dynamic batcher: the one owner of the queue, feeding the one model thread.
+
+Algorithm, per batch:
+1. Wait for the first queued item.
+2. Keep collecting until the queue holds a full batch (``max_batch_tokens`` of padded
+   tokens or ``max_batch_items``) or ``max_wait`` has passed since the oldest item came.
+3. Drop what must not run, here and nowhere else: items whose caller went away
+   (cancelled future) and items past their deadline (DeadlineExceeded).
+4. Take the oldest item (nobody starves), then the queued items that share its problem
+   prefix, then those nearest to it in length, while ``items * longest`` stays within
+   the token budget. Similar lengths keep padding low; a shared prefix runs once.
+5. Score on the model thread. Out of memory -> split the batch in halves and retry;
+   a single item that still fails gets a per-item ``out_of_memory``. Any other
+   exception fails every item of this batch (never hangs one) and the loop goes on.
+
+A full queue refuses new items at once (Overloaded -> 503 + Retry-After): waiting
+is bounded, memory is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from models.base import EncodedItem, OutOfMemory, Scorer
+from service.errors import DeadlineExceeded, ItemFailed, NotReady, Overloaded, ScoringFailed
+from service.metrics import Metrics
+
+log = logging.getLogger("codescaler.batcher")
+
+
+@dataclass(frozen=True, slots=True)
+class ItemScore:
+    """The model's answer for one item, with where its time went."""
+
+    score: float
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    item: EncodedItem
+    future: asyncio.Future[ItemScore]
+    enqueued: float
+    deadline: float
+    prefix: tuple[int, ...] = field(default=())
+
+
+class Batcher:
+    """Turns concurrently submitted items into batches for ``scorer.score``."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        metrics: Metrics,
+        *,
+        max_batch_tokens: int,
+        max_batch_items: int,
+        max_wait_ms: float,
+        max_queue_items: int,
+        forward_timeout: float = math.inf,
+    ) -> None:
+        self.scorer = scorer
+        self.metrics = metrics
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_items = max_batch_items
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue_items = max_queue_items
+        self.forward_timeout = forward_timeout
+        self.forwards = 0  # batches run so far (tests prove coalescing with it)
+        self._queue: list[_Pending] = []
+        self._arrived = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codescaler-model")
+        self._task: asyncio.Task[None] | None = None
+        self._forward_since: float | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def queued(self) -> int:
+        """Items waiting for a forward pass."""
+        return len(self._queue)
+
+    @property
+    def healthy(self) -> bool:
+        """The loop runs and no forward has been stuck past ``forward_timeout``."""
+        if self._task is None or self._task.done():
+            return False
+        since = self._forward_since
+        return since is None or time.monotonic() - since <= self.forward_timeout
+
+    def start(self) -> None:
+        """Start the batch loop on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="codescaler-batcher")
+
+    async def stop(self) -> None:
+        """Stop the loop; anything still queued fails with NotReady (answered, not lost)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(NotReady("the service is shutting down"))
+        self._queue.clear()
+        self.metrics.queue_items.set(0)
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------- submit
+    def submit(self, items: Sequence[EncodedItem], timeout: float) -> list[asyncio.Future[ItemScore]]:
+        """Queue ``items`` (all or none) and return one future per item, in order."""
+        if self._task is None or self._task.done():
+            raise NotReady("the batch loop is not running")
+        if len(self._queue) + len(items) > self.max_queue_items:
+            retry = max(1, math.ceil(self.max_wait + 1))
+            raise Overloaded("the queue is full; retry later", headers={"Retry-After": str(retry)})
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures = []
+        for item in items:
+            future: asyncio.Future[ItemScore] = loop.create_future()
+            self._queue.append(_Pending(item, future, now, now + timeout, item.input_ids[: item.prefix_len]))
+            futures.append(future)
+        self.metrics.queue_items.set(len(self._queue))
+        self._arrived.set()
+        return futures
+
+    # ------------------------------------------------------------------- loop
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._fill()
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    async def _fill(self) -> None:
+        """Wait until a batch is full or the oldest item has waited ``max_wait``."""
+        while True:
+            remaining = self._queue[0].enqueued + self.max_wait - time.monotonic()
+            queued_tokens = sum(p.item.length for p in self._queue)
+            if remaining <= 0 or queued_tokens >= self.max_batch_tokens or len(self._queue) >= self.max_batch_items:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Pending]:
+        """Drop cancelled and expired items, then choose the next batch (steps 3-4)."""
+        now = time.monotonic()
+        live: list[_Pending] = []
+        for pending in self._queue:
+            if pending.future.done():
+                continue
+            if now > pending.deadline:
+                pending.future.set_exception(DeadlineExceeded("the request timed out waiting in the queue"))
+                continue
+            live.append(pending)
+        if not live:
+            self._queue = []
+            self.metrics.queue_items.set(0)
+            return []
+        first, rest = live[0], live[1:]
+        rest.sort(key=lambda p: (p.prefix != first.prefix, abs(p.item.length - first.item.length), p.enqueued))
+        chosen, longest = [first], first.item.length
+        for pending in rest:
+            if len(chosen) >= self.max_batch_items:
+                break
+            candidate = max(longest, pending.item.length)
+            if (len(chosen) + 1) * candidate <= self.max_batch_tokens:
+                chosen.append(pending)
+                longest = candidate
+        taken = set(map(id, chosen))
+        self._queue = [p for p in live if id(p) not in taken]
+        self.metrics.queue_items.set(len(self._queue))
+        return chosen
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        """Score ``batch`` on the model thread and answer every item exactly once."""
+        start = time.monotonic()
+        self._forward_since = start
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, self._score_all, [p.item for p in batch]
+            )
+        except Exception as exc:  # noqa: BLE001 - any model failure fails this batch only
+            log.exception("forward of %d items failed", len(batch))
+            failure = ScoringFailed("scoring failed")
+            failure.__cause__ = exc
+            outcomes = [failure] * len(batch)
+        finally:
+            self._forward_since = None
+        self.forwards += 1
+        elapsed = time.monotonic() - start
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(ItemScore(outcome, start - pending.enqueued, elapsed))
+
+    def _score_all(self, items: list[EncodedItem]) -> list[float | ItemFailed]:
+        """Runs on the model thread: score, halving the batch on out-of-memory (step 5)."""
+        try:
+            started = time.perf_counter()
+            scores = self.scorer.score(items)
+            self._observe(items, time.perf_counter() - started)
+            return list(scores)
+        except OutOfMemory:
+            if len(items) == 1:
+                log.warning("one item of %d tokens ran out of memory", items[0].length)
+                return [ItemFailed("out_of_memory")]
+            log.warning("out of memory on %d items; retrying in halves", len(items))
+            half = len(items) // 2
+            return self._score_all(items[:half]) + self._score_all(items[half:])
+
+    def _observe(self, items: list[EncodedItem], seconds: float) -> None:
+        """Batch metrics: what the scorer reports it computed, else the plain padded layout."""
+        m = self.metrics
+        stats = self.scorer.last_stats
+        tokens = stats.tokens if stats else sum(i.length for i in items)
+        ratio = stats.padding_ratio if stats else 1.0 - tokens / (len(items) * max(i.length for i in items))
+        m.batch_items.observe(len(items))
+        m.batch_tokens.observe(tokens)
+        m.batch_padding_ratio.observe(ratio)
+        m.forward_duration.observe(seconds)
+        m.tokens.inc(tokens)

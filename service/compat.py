@@ -1,0 +1,75 @@
+"""Thin adapters for callers' protocols: OpenRLHF's remote reward model (/get_reward).
+
+OpenRLHF sends each query as prompt plus response in decoded text with the chat
+markers kept; the problem is the last user turn of the prompt and the response is
+what follows the prompt, without trailing end-of-turn tokens.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.api import ERRORS, check_item_limits, engine_of, set_timing_headers
+from service.engine import ItemInput
+from service.errors import InvalidRequest
+from service.schemas import RewardRequest, RewardResponse
+from service.settings import Settings
+from service.shaping import sigmoid
+
+router = APIRouter()
+
+USER_TURN = "<|im_start|>user\n"
+ASSISTANT_TURN = "<|im_start|>assistant\n"
+END_OF_TURN = "<|im_end|>"
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end_of_text|>")
+
+
+def problem_of(prompt: str) -> str:
+    """The last user turn of a ChatML prompt; a prompt without markers is the problem as it is."""
+    start = prompt.rfind(USER_TURN)
+    if start < 0:
+        return prompt
+    body = prompt[start + len(USER_TURN):]
+    end = body.find(END_OF_TURN)
+    return body if end < 0 else body[:end]
+
+
+def split_query(query: str, prompt: str | None) -> tuple[str, str]:
+    """(prompt, response) of one query; without a usable prompt, split at the last assistant turn."""
+    if prompt is not None and query.startswith(prompt):
+        head, rest = prompt, query[len(prompt):]
+    else:
+        at = query.rfind(ASSISTANT_TURN)
+        head, rest = (query[:at], query[at + len(ASSISTANT_TURN):]) if at >= 0 else (prompt or "", query)
+    while True:
+        trimmed = rest.rstrip()
+        token = next((t for t in END_TOKENS if trimmed.endswith(t)), None)
+        if token is None:
+            return head, rest
+        rest = trimmed[: -len(token)]
+
+
+@router.post("/get_reward", response_model=RewardResponse, responses=ERRORS)
+async def get_reward(body: RewardRequest, request: Request, response: Response) -> RewardResponse:
+    """OpenRLHF: rewards (shaped), scores (sigmoid of the raw score, 0 when invalid), extra_logs."""
+    if body.prompts is not None and len(body.prompts) != len(body.query):
+        raise InvalidRequest(f"prompts has {len(body.prompts)} entries but query has {len(body.query)}")
+    if not body.query:
+        return RewardResponse(rewards=[], scores=[], extra_logs={"valid": [], "raw_score": []})
+    settings: Settings = request.app.state.settings
+    check_item_limits(settings, len(body.query), [(f"query[{i}]", q) for i, q in enumerate(body.query)])
+    engine = engine_of(request)
+    inputs = []
+    for i, query in enumerate(body.query):
+        prompt, answer = split_query(query, body.prompts[i] if body.prompts is not None else None)
+        inputs.append(ItemInput(problem_of(prompt), answer))
+    outcomes = await engine.score(inputs)
+    set_timing_headers(response, outcomes)
+    return RewardResponse(
+        rewards=[o.reward for o in outcomes],
+        scores=[sigmoid(o.score) if o.valid and o.score is not None else 0.0 for o in outcomes],
+        extra_logs={
+            "valid": [1.0 if o.valid else 0.0 for o in outcomes],
+            "raw_score": [o.score if o.score is not None else 0.0 for o in outcomes],
+        },
+    )

@@ -1,0 +1,158 @@
+"""The scoring pipeline shared by the HTTP routes, the offline CLI and Ray replicas.
+
+Per request: extraction and tokenization on a thread pool (so the event loop never
+blocks and the next batch is prepared while the model runs), valid items to the
+batcher, shaping of the answers. Invalid, too-long and failed items are answered
+per item; nothing here raises for one bad item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from models.base import EncodedItem, Scorer, TooLong
+from service.batcher import Batcher, ItemScore
+from service.errors import ItemFailed
+from service.extraction import Extraction, extract
+from service.metrics import Metrics
+from service.settings import Settings
+from service.shaping import shape
+
+PREPARE_CHUNK = 32  # items per thread-pool task: small enough to spread, big enough to amortise
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInput:
+    """One (problem, response) pair as a caller sent it."""
+
+    problem: str
+    response: str
+    language: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    """Everything the service knows about one scored (or refused) item."""
+
+    reward: float
+    score: float | None
+    valid: bool
+    extraction: Extraction
+    truncated: bool
+    tokens: int
+    error: str | None
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    extraction: Extraction
+    encoded: EncodedItem | None
+    error: str | None
+
+
+class Engine:
+    """Scores lists of items against one Scorer through one Batcher."""
+
+    def __init__(self, scorer: Scorer, settings: Settings, metrics: Metrics) -> None:
+        self.scorer = scorer
+        self.settings = settings
+        self.metrics = metrics
+        self.batcher = Batcher(
+            scorer, metrics,
+            max_batch_tokens=settings.max_batch_tokens, max_batch_items=settings.max_batch_items,
+            max_wait_ms=settings.max_wait_ms, max_queue_items=settings.max_queue_items,
+            forward_timeout=settings.forward_timeout,
+        )
+        self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="codescaler-prep")
+
+    @property
+    def healthy(self) -> bool:
+        """The batch loop is alive and the model thread is not stuck."""
+        return self.batcher.healthy
+
+    async def start(self) -> None:
+        """Warm the model up (first forwards are slow) and start the batch loop."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.scorer.warmup)
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        """Stop the batch loop and the worker threads."""
+        await self.batcher.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def score(
+        self,
+        inputs: Sequence[ItemInput],
+        *,
+        extraction: str | None = None,
+        shaping: str | None = None,
+        timeout: float | None = None,
+    ) -> list[ItemOutcome]:
+        """Outcomes for ``inputs`` in order; raises only for whole-request failures (overload, ...)."""
+        policy = extraction or self.settings.extraction
+        loop = asyncio.get_running_loop()
+        chunks = [inputs[i : i + PREPARE_CHUNK] for i in range(0, len(inputs), PREPARE_CHUNK)]
+        prepared_chunks = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, self._prepare, chunk, policy) for chunk in chunks)
+        )
+        prepared = [p for chunk in prepared_chunks for p in chunk]
+        to_run = [i for i, p in enumerate(prepared) if p.encoded is not None]
+        futures = self.batcher.submit(
+            [prepared[i].encoded for i in to_run],  # type: ignore[misc]
+            timeout if timeout is not None else self.settings.request_timeout,
+        )
+        answers: dict[int, ItemScore | BaseException] = {}
+        if futures:
+            try:
+                results = await asyncio.gather(*futures, return_exceptions=True)
+            except asyncio.CancelledError:
+                for future in futures:  # the caller went away: the batcher drops these
+                    future.cancel()
+                raise
+            answers = dict(zip(to_run, results, strict=True))
+        for answer in answers.values():
+            if isinstance(answer, BaseException) and not isinstance(answer, ItemFailed):
+                raise answer
+        outcomes = [self._outcome(p, answers.get(i), shaping or self.settings.shaping) for i, p in enumerate(prepared)]
+        for outcome in outcomes:
+            self.metrics.items.labels(outcome.extraction.status.value).inc()
+            if outcome.valid:
+                self.metrics.reward.observe(outcome.reward)
+        return outcomes
+
+    def _prepare(self, chunk: Sequence[ItemInput], policy: str) -> list[_Prepared]:
+        """Runs on a worker thread: extraction, then the model's exact tokenization."""
+        prepared = []
+        for item in chunk:
+            found = extract(item.response, policy, item.language or self.settings.language)
+            if not found.valid or found.code is None:
+                prepared.append(_Prepared(found, None, found.status.value))
+                continue
+            try:
+                prepared.append(_Prepared(found, self.scorer.encode(item.problem, found.code), None))
+            except TooLong:
+                prepared.append(_Prepared(found, None, "too_long"))
+        return prepared
+
+    def _outcome(self, prepared: _Prepared, answer: ItemScore | BaseException | None, shaping: str) -> ItemOutcome:
+        """Shape one answer into an outcome; per-item failures keep the invalid reward."""
+        encoded = prepared.encoded
+        tokens = encoded.length if encoded else 0
+        truncated = encoded.truncated if encoded else False
+        invalid = shape(None, False, shaping, self.settings.invalid_reward)
+        error = prepared.error
+        if isinstance(answer, ItemFailed):
+            error = answer.reason
+        elif isinstance(answer, ItemScore):
+            if math.isfinite(answer.score):
+                reward = shape(answer.score, True, shaping, self.settings.invalid_reward)
+                return ItemOutcome(reward, answer.score, True, prepared.extraction, truncated, tokens, None,
+                                   answer.queue_s, answer.inference_s)
+            error = "non_finite_score"
+        return ItemOutcome(invalid, None, False, prepared.extraction, truncated, tokens, error)
