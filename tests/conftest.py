@@ -50,3 +50,13 @@ def tiny_scorer(model_cache: Path):  # type: ignore[no-untyped-def]
     from models.hf import HFScorer
 
     return HFScorer("tiny-random", cache_dir=model_cache, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def live_server(model_cache: Path):  # type: ignore[no-untyped-def]
+    """A real codescaler-serve process with the tiny model on loopback, shared by the session."""
+    from tests.helpers import start_server, stop_server
+
+    proc, url = start_server(["--model", "tiny-random"], model_cache)
+    yield url
+    stop_server(proc)
