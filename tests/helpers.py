@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -92,3 +93,27 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class RecordingScorer(FakeScorer):
+    """FakeScorer that remembers each batch's items, to check how batches were composed."""
+
+    def __init__(self, max_length: int = 4096) -> None:
+        super().__init__(max_length)
+        self.batches: list[list[EncodedItem]] = []
+
+    def score(self, items: Sequence[EncodedItem]) -> list[float]:
+        self.batches.append(list(items))
+        return super().score(items)
+
+
+@contextlib.asynccontextmanager
+async def app_client(app):  # type: ignore[no-untyped-def]
+    """An httpx client on ``app`` in-process, with its lifespan run and the model brought up."""
+    from service.app import wait_until_ready
+
+    async with app.router.lifespan_context(app):
+        await wait_until_ready(app)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
