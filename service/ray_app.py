@@ -1,0 +1,314 @@
+"""Ray Serve scale-out: the single-process app and engine as replicas behind one address.
+
+Each replica runs ``create_app(settings)`` unchanged (same routes, engine, batcher,
+metrics registry); Ray Serve's HTTP proxy spreads requests over the replicas and the
+autoscaler adds or removes replicas on ongoing requests. Start it on a running cluster::
+
+    serve run service.ray_app:build_app model=LARK-Lab/CodeScaler-8B ray_max_replicas=8
+    python -m service.ray_app --model LARK-Lab/CodeScaler-8B --host 0.0.0.0 --ray-address auto
+
+``build_app`` takes Settings field names (plus ``metrics_port`` and ``replica_cpus``);
+CODESCALER_* variables apply where the app is built, and the parsed Settings travel to
+every replica, so all replicas run one configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from prometheus_client import Gauge, start_http_server
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve import Application
+
+from service.app import create_app, wait_until_ready
+from service.middleware import ASGIApp, Message, Receive, Scope, Send
+from service.settings import Settings
+
+log = logging.getLogger("codescaler.ray")
+
+APP_NAME = "codescaler"
+DEPLOYMENT_NAME = "CodeScaler"
+#: Names the replica that answered; its value is the replica's Ray actor name
+#: (``SERVE_REPLICA::<app>#<deployment>#<id>``, namespace "serve"), so ``ray.get_actor`` finds it.
+REPLICA_HEADER = "x-codescaler-replica"
+#: Seconds a client is told to wait when Serve's own request queue is full (503, like the engine's).
+BACKPRESSURE_RETRY_AFTER_S = 1.0
+
+
+class RayOptions(BaseModel):
+    """The Ray-only knobs that Settings does not hold (builder args, ``--flags`` of the CLI)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metrics_port: int = Field(
+        0, ge=0, le=65535,
+        description="First port of the per-replica Prometheus exporters: a replica serves its own "
+        "registry on metrics_port + its rank on the node. 0 = no exporters. The exporters check no key, "
+        "so with API keys they start only under metrics_public.",
+    )
+    replica_cpus: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves per replica (also its torch threads on a CPU replica)."
+    )
+
+
+def split_args(args: Mapping[str, object]) -> tuple[Settings, RayOptions]:
+    """Settings (over CODESCALER_* variables) and RayOptions from one flat mapping of builder args."""
+    ray_keys = set(RayOptions.model_fields)
+    options = RayOptions(**{k: v for k, v in args.items() if k in ray_keys})
+    settings = Settings(**{k: v for k, v in args.items() if k not in ray_keys})  # type: ignore[arg-type]
+    return settings, options
+
+
+def resolve_num_gpus(settings: Settings) -> float:
+    """GPUs per replica: the setting, else 1 when the cluster (or, before Ray is connected, this machine) has GPUs.
+
+    ``serve run`` builds the app before it connects to Ray, so the cluster cannot be asked
+    then; a head node without GPUs would then choose CPU replicas. Production configs set
+    ray_num_gpus explicitly (the RayService example does).
+    """
+    if settings.ray_num_gpus is not None:
+        return settings.ray_num_gpus
+    if ray.is_initialized():
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    import torch
+
+    local = torch.cuda.device_count()
+    log.warning("ray_num_gpus not set and Ray not connected yet: using this machine's GPUs (%d)", local)
+    return 1.0 if local else 0.0
+
+
+def replica_settings(settings: Settings, num_gpus: float) -> Settings:
+    """A CPU replica must not pick up a GPU Ray did not give it (Ray leaves CUDA_VISIBLE_DEVICES alone at 0)."""
+    if num_gpus == 0 and settings.device == "auto":
+        return settings.model_copy(update={"device": "cpu"})
+    return settings
+
+
+def deployment_options(settings: Settings, num_gpus: float, replica_cpus: float) -> dict[str, Any]:
+    """Serve deployment options derived from the settings, so one object configures both paths.
+
+    - max_ongoing_requests = 2 x target: a replica at the autoscaler's target still has room
+      for a burst, and its batcher sees enough concurrent items to fill batches (Serve's
+      default of 5 would starve the batcher: trainers send one sample per request).
+    - max_queued_requests = max_queue_items: waiting at the proxy is bounded as well; the
+      excess gets 503 + Retry-After, the status trainers retry (never 429).
+    - graceful_shutdown_timeout_s = request_timeout + forward_timeout: the engine answers every
+      admitted item within that, so a replica being removed answers what it holds instead of
+      cutting requests off after Serve's default 20 s (Serve has stopped routing to it first,
+      which is what the single process's drain does for its load balancer).
+    - min == max replicas: a fixed count; otherwise autoscaling on ongoing requests.
+    """
+    target = settings.ray_target_ongoing_requests
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": replica_cpus},
+        "max_ongoing_requests": max(1, math.ceil(2 * target)),
+        "max_queued_requests": settings.max_queue_items,
+        "backpressure_config": {"status_code": 503, "retry_after_s": BACKPRESSURE_RETRY_AFTER_S},
+        "graceful_shutdown_timeout_s": settings.request_timeout + settings.forward_timeout,
+    }
+    if settings.ray_min_replicas == settings.ray_max_replicas:
+        options["num_replicas"] = settings.ray_max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.ray_min_replicas,
+            "max_replicas": settings.ray_max_replicas,
+            "target_ongoing_requests": target,
+        }
+    return options
+
+
+class ReplicaApp:
+    """ASGI wrapper of one replica's app: startup completes only when the model can score; headers name the replica.
+
+    Serve runs the app's lifespan when the replica starts and routes to the replica as soon
+    as that startup completes. create_app's lifespan loads the model in the background (so a
+    single process answers /health at once); here the startup is held until bring-up is
+    done, so no request ever meets a loading replica, and a model that cannot load fails
+    the replica (Serve retries it) instead of serving 503s forever.
+    """
+
+    def __init__(self, app: FastAPI, replica: str) -> None:
+        self.app = app
+        self.replica = replica.encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Hold the lifespan startup; add the replica header to HTTP responses."""
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._held_startup(send))
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Serve's proxy adds x-request-id to the request (the app echoes it) and again to the
+        # response: drop the app's copy so the client sees the header once.
+        proxy_id = dict(scope.get("headers") or []).get(b"x-request-id")
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if not (k.lower() == b"x-request-id" and v == proxy_id)]
+                message["headers"] = [*headers, (REPLICA_HEADER.encode(), self.replica)]
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+    def _held_startup(self, send: Send) -> Send:
+        """Forward lifespan messages; hold startup.complete until the engine is up, or fail it."""
+
+        async def held(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                try:
+                    await wait_until_ready(self.app)
+                except Exception:  # noqa: BLE001 - the bring-up already logged the traceback
+                    message = {"type": "lifespan.startup.failed",
+                               "message": "the model could not be brought up; see the replica log"}
+            await send(message)
+
+        return held
+
+
+class _Exporter:
+    """This replica's registry on its own port, so Prometheus scrapes each replica (not a random one)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.port = port
+        self._server, self._thread = start_http_server(port, addr=host, registry=app.state.metrics.registry)
+
+    def close(self) -> None:
+        """Stop serving (the replica is going away)."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def start_exporter(app: FastAPI, settings: Settings, options: RayOptions, local_rank: int) -> _Exporter | None:
+    """The replica's exporter on metrics_port + local_rank, or None (off, private metrics, port taken).
+
+    The exporter checks no key, so with API keys it starts only when metrics_public is on
+    (the same rule as /metrics). A port in use must not keep the replica from serving.
+    """
+    if not options.metrics_port:
+        return None
+    if settings.api_keys() and not settings.metrics_public:
+        log.warning("no per-replica metrics exporter: API keys are set and metrics_public is off")
+        return None
+    port = options.metrics_port + local_rank
+    try:
+        return _Exporter(app, settings.host, port)
+    except OSError as exc:
+        log.warning("no per-replica metrics exporter on port %d (%s)", port, exc)
+        return None
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class CodeScalerReplica:
+    """One replica: its own app, engine, model and metrics registry."""
+
+    # Attribute names carry a prefix: Serve mixes this class with its own ASGI wrapper,
+    # which already owns names such as ``app``.
+    def __init__(self, settings: Settings, options: RayOptions) -> None:
+        for name in ("codescaler", "models"):
+            logging.getLogger(name).setLevel(settings.log_level.upper())
+        context = serve.get_replica_context()
+        self.codescaler_replica = context.replica_id.to_full_id_str()
+        self.codescaler_app = create_app(settings)
+        # Names the replica inside its own registry, so a scrape of an exporter says whose numbers they are.
+        Gauge("codescaler_replica_info", "The Ray Serve replica this registry belongs to (always 1).", ["replica"],
+              registry=self.codescaler_app.state.metrics.registry).labels(self.codescaler_replica).set(1)
+        self.codescaler_exporter = start_exporter(self.codescaler_app, settings, options, context.rank.local_rank)
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        """The app Serve runs for this replica (lifespan included)."""
+        return ReplicaApp(self.codescaler_app, self.codescaler_replica)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: what /ready says about the batch loop and model thread.
+
+        A replica whose model thread died or stuck past forward_timeout fails it and Serve
+        replaces the replica (after three failures in a row).
+        """
+        engine = self.codescaler_app.state.engine
+        if engine is None or not engine.healthy:
+            raise RuntimeError("the batch loop or the model thread is not healthy")
+
+    def __del__(self) -> None:
+        exporter = getattr(self, "codescaler_exporter", None)  # absent when __init__ failed
+        if exporter is not None:
+            exporter.close()
+
+
+def application(settings: Settings, options: RayOptions | None = None) -> Application:
+    """The bound Serve application for ``settings`` (Ray connected or not; see resolve_num_gpus)."""
+    options = options or RayOptions()
+    num_gpus = resolve_num_gpus(settings)
+    deployment = CodeScalerReplica.options(**deployment_options(settings, num_gpus, options.replica_cpus))
+    return deployment.bind(replica_settings(settings, num_gpus), options)
+
+
+def build_app(args: dict[str, str]) -> Application:
+    """Builder for ``serve run service.ray_app:build_app key=value ...`` and RayService configs."""
+    settings, options = split_args(args)
+    return application(settings, options)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m service.ray_app``: connect to (or start) Ray, run the app, block until stopped.
+
+    The Serve proxy listens on --host/--port (the same flags as the single process). On
+    Ctrl-C or SIGTERM the application is deleted (its replicas finish what they hold) and a
+    Ray instance started here is stopped; a second signal ends the process at once.
+    """
+    from service.__main__ import EXIT_BAD_CONFIG, add_settings_flags, parse_settings
+
+    parser = argparse.ArgumentParser(prog="python -m service.ray_app",
+                                     description="CodeScaler reward-model server on Ray Serve")
+    add_settings_flags(parser)
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join ('auto', 'ray://host:10001', ...); default: RAY_ADDRESS, "
+                        "a cluster running on this machine, or a new local instance.")
+    for name, field in RayOptions.model_fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=field.description)
+    values = vars(parser.parse_args(argv))
+    address = values.pop("ray_address")
+    ray_values = {k: values.pop(k) for k in list(values) if k in RayOptions.model_fields}
+    settings = parse_settings(values)
+    try:
+        options = RayOptions(**ray_values)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"codescaler-serve: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    ray.init(address=address, namespace="serve")
+    stop = threading.Event()
+
+    def on_sigterm(*_: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends a stuck shutdown
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(application(settings, options), name=APP_NAME, route_prefix="/")
+        log.info("serving on http://%s:%d", settings.host, settings.port)
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
+        ray.shutdown()  # stops a Ray instance started here; only disconnects from a cluster
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
