@@ -2,22 +2,32 @@
 
 Every Settings field is a ``--kebab-case`` flag and a ``CODESCALER_<FIELD>`` variable
 (CLI > env > default). ``codescaler-serve score|rank ...`` scores files offline.
-A model that cannot be loaded ends the process at once with exit code 2.
+A model that cannot be loaded, or a bad setting or key file, ends the process at
+once with exit code 2. SIGTERM (or Ctrl-C) drains gracefully and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ipaddress
 import logging
 import sys
 import typing
 from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
 
+import uvicorn
 from pydantic import ValidationError
 
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 EXIT_BAD_CONFIG = 2
+log = logging.getLogger("codescaler.main")
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,21 +68,88 @@ def load_or_exit(settings: Settings):  # type: ignore[no-untyped-def]
         sys.exit(EXIT_BAD_CONFIG)
 
 
+def check_keys_or_exit(settings: Settings) -> None:
+    """Refuse an unreadable or empty key file (exit 2); warn when serving beyond loopback without keys."""
+    from service.auth import load_keys
+
+    try:
+        keys = load_keys(settings)
+    except (OSError, ValueError) as exc:
+        print(f"codescaler-serve: cannot use the API keys: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    if not keys and not _is_loopback(settings.host):
+        log.warning("no API key configured and bound to %s: anyone who can reach this port can score; "
+                    "give --api-key or --api-key-file", settings.host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it reaches beyond this machine
+        return False
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain before its own graceful shutdown, ending in exit code 0.
+
+    uvicorn on SIGTERM stops accepting connections at once (load balancers still
+    send traffic there) and afterwards re-raises the signal (the process dies with
+    -15). Here the first SIGTERM or SIGINT starts ``app.drain``; when it returns,
+    uvicorn shuts down as usual (finishing responses in progress) and the process
+    exits normally. A second signal skips the rest of the drain; a third forces exit.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
+        super().__init__(config)
+        self.app = app
+        self.settings = settings
+        self.signals = 0
+        self.drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Runs in the signal handler: flip readiness now, start the drain on the next tick.
+
+        The signal is deliberately not recorded for uvicorn to re-raise after shutdown.
+        """
+        self.signals += 1
+        self.app.state.draining = True
+        if self.signals == 2:
+            self.should_exit = True
+        elif self.signals > 2:
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's 0.1 s tick: start the drain after a signal; exit once it is done."""
+        if self.signals and self.drain_task is None:
+            from service.app import drain
+
+            patience = self.settings.request_timeout + self.settings.forward_timeout
+            self.drain_task = asyncio.create_task(drain(self.app, self.settings.drain_seconds, patience))
+        if self.drain_task is not None and self.drain_task.done():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def run_server(app: FastAPI, settings: Settings) -> None:
+    """Serve ``app`` until a signal has drained it (shared by the CLI and the test servers)."""
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_keep_alive=75)
+    DrainingServer(config, app, settings).run()
+
+
 def serve(argv: Sequence[str]) -> None:
     """Run the HTTP server."""
-    import uvicorn
-
     from service.app import create_app
 
     parser = argparse.ArgumentParser(prog="codescaler-serve", description="CodeScaler reward-model server")
     add_settings_flags(parser)
     settings = parse_settings(vars(parser.parse_args(argv)))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_keys_or_exit(settings)
     scorer = load_or_exit(settings)
-    app = create_app(settings, scorer)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_keep_alive=75)
-    uvicorn.Server(config).run()
+    run_server(create_app(settings, scorer), settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

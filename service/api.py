@@ -1,19 +1,22 @@
 """Native routes: /v1/score, /v1/rank, /v1/models, /health, /ready, /metrics.
 
-Routes check the configurable limits before any work, hand items to the Engine,
-and turn outcomes into the documented response shapes with timing headers.
+Routes check the key and the configurable limits before any work, hand items to
+the Engine (unless a drain has closed the door, or the client has gone away), and
+turn outcomes into the documented response shapes with timing headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.auth import require_key, require_metrics_key
 from service.engine import Engine, ItemInput, ItemOutcome
-from service.errors import NotReady, PayloadTooLarge, error_body
+from service.errors import ClientDisconnected, NotReady, PayloadTooLarge, error_body
 from service.schemas import (
     ErrorResponse,
     ExtractionInfo,
@@ -28,8 +31,10 @@ from service.settings import Settings
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 422, 500, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 500, 503, 504)
 }
+#: Every route that scores or describes the model needs a key (when keys are configured).
+KEYED = [Depends(require_key)]
 
 
 def engine_of(request: Request) -> Engine:
@@ -38,6 +43,48 @@ def engine_of(request: Request) -> Engine:
     if engine is None:
         raise NotReady("the model is still loading")
     return engine
+
+
+async def score_items(
+    request: Request, response: Response, inputs: Sequence[ItemInput], **options: str | None
+) -> list[ItemOutcome]:
+    """Admit the request (503 once a drain refuses work), score it, and withdraw it if the client leaves.
+
+    uvicorn does not cancel a handler whose client disconnected, so the engine call is
+    raced against the connection: on a disconnect it is cancelled, the engine cancels
+    its futures and the batcher drops those items before they reach a forward. While
+    draining, answers close their connection, so that a client's next request opens a
+    new one (which the load balancer sends elsewhere) instead of racing the shutdown.
+    """
+    state = request.app.state
+    if state.refusing:
+        raise NotReady("the server is shutting down; retry (another replica)",
+                       headers={"Retry-After": "1", "Connection": "close"})
+    engine = engine_of(request)
+    state.in_flight += 1  # no await since the check above: a drain cannot miss this request
+    try:
+        work = asyncio.ensure_future(engine.score(inputs, **options))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler itself is cancelled
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.wait((work,))  # let the engine withdraw its items before we answer
+        if work.cancelled():
+            raise ClientDisconnected("the client disconnected")
+        if state.draining:
+            response.headers["Connection"] = "close"
+        return work.result()
+    finally:
+        state.in_flight -= 1
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read; only that message is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def check_item_limits(settings: Settings, count: int, fields: Sequence[tuple[str, str]]) -> None:
@@ -79,7 +126,7 @@ def set_timing_headers(response: Response, outcomes: Sequence[ItemOutcome]) -> N
     response.headers["x-inference-time"] = f"{max((o.inference_s for o in outcomes), default=0.0) * 1000:.1f}"
 
 
-@router.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
+@router.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=KEYED)
 async def score(body: ScoreRequest, request: Request, response: Response) -> ScoreResponse:
     """Score (problem, response) pairs; results in input order."""
     settings: Settings = request.app.state.settings
@@ -89,13 +136,13 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
     ])
     engine = engine_of(request)
     inputs = [ItemInput(item.problem, item.response, item.language) for item in body.items]
-    outcomes = await engine.score(inputs, extraction=body.extraction, shaping=body.shaping)
+    outcomes = await score_items(request, response, inputs, extraction=body.extraction, shaping=body.shaping)
     set_timing_headers(response, outcomes)
     return ScoreResponse(model=engine.scorer.name, results=results_of(outcomes, body.return_code),
                          usage=usage_of(outcomes))
 
 
-@router.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
+@router.post("/v1/rank", response_model=RankResponse, responses=ERRORS, dependencies=KEYED)
 async def rank(body: RankRequest, request: Request, response: Response) -> RankResponse:
     """Rank N responses to one problem by reward, highest first, ties by index."""
     settings: Settings = request.app.state.settings
@@ -104,7 +151,7 @@ async def rank(body: RankRequest, request: Request, response: Response) -> RankR
     ])
     engine = engine_of(request)
     inputs = [ItemInput(body.problem, text, body.language) for text in body.responses]
-    outcomes = await engine.score(inputs, extraction=body.extraction, shaping=body.shaping)
+    outcomes = await score_items(request, response, inputs, extraction=body.extraction, shaping=body.shaping)
     ranking = sorted(range(len(outcomes)), key=lambda i: (-outcomes[i].reward, i))
     if body.top_k is not None:
         ranking = ranking[: body.top_k]
@@ -113,7 +160,8 @@ async def rank(body: RankRequest, request: Request, response: Response) -> RankR
                         results=results_of(outcomes, body.return_code), usage=usage_of(outcomes))
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={code: {"model": ErrorResponse} for code in (401, 503)},
+            dependencies=KEYED)
 async def models(request: Request) -> dict[str, object]:
     """The served model: id, revision, dtype, device, max_length, chat-template hash."""
     engine = engine_of(request)
@@ -126,7 +174,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"model": ErrorResponse}})
 async def ready(request: Request) -> JSONResponse:
     """200 once the model is loaded and warm and the batch loop is healthy; 503 otherwise."""
     state = request.app.state
@@ -140,7 +188,9 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "queue_items": engine.batcher.queued})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, dependencies=[Depends(require_metrics_key)], responses={
+    200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+    401: {"model": ErrorResponse}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format of this app's registry."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

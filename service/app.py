@@ -3,6 +3,7 @@
 The lifespan loads (unless a scorer is given), warms up and starts the engine in
 the background, so /health answers at once and /ready turns 200 only when the
 model can really score. No globals: every app has its own state and registry.
+``drain`` is the app's side of a graceful shutdown (the CLI calls it on SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from models.base import Scorer
 from service import api, compat
+from service.auth import key_digests, load_keys
 from service.engine import Engine
 from service.errors import install_handlers
 from service.metrics import Metrics
@@ -75,7 +77,10 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = None
-    app.state.draining = False
+    app.state.key_digests = key_digests(load_keys(settings))
+    app.state.draining = False  # /ready answers 503 (load balancers stop sending)
+    app.state.refusing = False  # scoring routes answer 503 + Retry-After
+    app.state.in_flight = 0  # scoring requests admitted and not yet answered
     app.state.load_error = None
     install_handlers(app)
     app.include_router(api.router)
@@ -95,3 +100,26 @@ async def wait_until_ready(app: FastAPI) -> None:
     await app.state.bring_up
     if app.state.load_error is not None:
         raise app.state.load_error
+
+
+async def drain(app: FastAPI, accept_seconds: float, patience: float) -> None:
+    """Graceful drain: /ready 503 now, scoring accepted ``accept_seconds`` more, then refused (503).
+
+    Returns once every admitted scoring request is answered, or after ``patience``
+    seconds of waiting for them (the engine answers each within request_timeout +
+    forward_timeout, so only a model thread stuck for good runs into this).
+    """
+    app.state.draining = True
+    log.info("draining: /ready is 503; scoring requests accepted for %.1f s more", accept_seconds)
+    await asyncio.sleep(accept_seconds)
+    app.state.refusing = True
+    log.info("draining: new scoring requests get 503; waiting for %d admitted", app.state.in_flight)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience
+    while app.state.in_flight and loop.time() < give_up:
+        await asyncio.sleep(0.05)
+    if app.state.in_flight:
+        log.error("draining: %d requests still unanswered after %.0f s; exiting anyway",
+                  app.state.in_flight, patience)
+    else:
+        log.info("draining: every admitted request was answered")

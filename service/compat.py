@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.api import ERRORS, check_item_limits, engine_of, set_timing_headers
+from service.api import ERRORS, KEYED, check_item_limits, score_items, set_timing_headers
 from service.engine import ItemInput
 from service.errors import InvalidRequest
 from service.schemas import RewardRequest, RewardResponse
@@ -49,7 +49,7 @@ def split_query(query: str, prompt: str | None) -> tuple[str, str]:
         rest = trimmed[: -len(token)]
 
 
-@router.post("/get_reward", response_model=RewardResponse, responses=ERRORS)
+@router.post("/get_reward", response_model=RewardResponse, responses=ERRORS, dependencies=KEYED)
 async def get_reward(body: RewardRequest, request: Request, response: Response) -> RewardResponse:
     """OpenRLHF: rewards (shaped), scores (sigmoid of the raw score, 0 when invalid), extra_logs."""
     if body.prompts is not None and len(body.prompts) != len(body.query):
@@ -57,13 +57,13 @@ async def get_reward(body: RewardRequest, request: Request, response: Response) 
     if not body.query:
         return RewardResponse(rewards=[], scores=[], extra_logs={"valid": [], "raw_score": []})
     settings: Settings = request.app.state.settings
-    check_item_limits(settings, len(body.query), [(f"query[{i}]", q) for i, q in enumerate(body.query)])
-    engine = engine_of(request)
+    check_item_limits(settings, len(body.query), [(f"query[{i}]", q) for i, q in enumerate(body.query)]
+                      + [(f"prompts[{i}]", p) for i, p in enumerate(body.prompts or ())])
     inputs = []
     for i, query in enumerate(body.query):
         prompt, answer = split_query(query, body.prompts[i] if body.prompts is not None else None)
         inputs.append(ItemInput(problem_of(prompt), answer))
-    outcomes = await engine.score(inputs)
+    outcomes = await score_items(request, response, inputs)
     set_timing_headers(response, outcomes)
     return RewardResponse(
         rewards=[o.reward for o in outcomes],

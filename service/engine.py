@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from models.base import EncodedItem, Scorer, TooLong
 from service.batcher import Batcher, ItemScore
-from service.errors import ItemFailed
+from service.errors import DeadlineExceeded, ItemFailed
 from service.extraction import Extraction, extract
 from service.metrics import Metrics
 from service.settings import Settings
@@ -109,13 +109,24 @@ class Engine:
         )
         answers: dict[int, ItemScore | BaseException] = {}
         if futures:
+            # The batcher expires queued items only when its loop reaches them; a model
+            # thread stuck in a forward would keep this request waiting for ever. Past
+            # queueing time plus one full forward, answer 504 ourselves.
+            patience = (timeout if timeout is not None else self.settings.request_timeout) \
+                + self.settings.forward_timeout
+            # asyncio.wait rather than wait_for(gather(...)): a gather cancelled by wait_for
+            # ends with an exception nobody retrieves, logged as an error on every disconnect.
             try:
-                results = await asyncio.gather(*futures, return_exceptions=True)
+                _, late = await asyncio.wait(futures, timeout=patience)
             except asyncio.CancelledError:
                 for future in futures:  # the caller went away: the batcher drops these
                     future.cancel()
                 raise
-            answers = dict(zip(to_run, results, strict=True))
+            if late:
+                for future in futures:
+                    future.cancel()
+                raise DeadlineExceeded("no answer within the request and forward timeouts")
+            answers = {i: f.exception() or f.result() for i, f in zip(to_run, futures, strict=True)}
         for answer in answers.values():
             if isinstance(answer, BaseException) and not isinstance(answer, ItemFailed):
                 raise answer

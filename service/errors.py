@@ -12,6 +12,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("codescaler.errors")
 
@@ -69,6 +70,12 @@ class ScoringFailed(ServiceError):
     code = "scoring_failed"
 
 
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer; its items were withdrawn (logged and counted only)."""
+
+    code = "client_disconnected"
+
+
 class ItemFailed(Exception):
     """One item could not be scored (reported in its result, not as an HTTP error)."""
 
@@ -86,8 +93,18 @@ STATUS: dict[type[ServiceError], int] = {
     NotReady: 503,
     DeadlineExceeded: 504,
     ScoringFailed: 500,
+    ClientDisconnected: 499,  # nginx's "client closed request": nobody reads it, metrics count it
     ServiceError: 500,
 }
+
+#: Errors raised by the framework itself (routing, body parsing), in the same JSON shape.
+HTTP_CODES: dict[int, tuple[str, str]] = {
+    400: ("bad_request", "the body could not be parsed as JSON"),
+    404: ("not_found", "no such route"),
+    405: ("method_not_allowed", "method not allowed on this route"),
+}
+#: Longest piece of a client's input (a JSON key) echoed back in an error message.
+ECHO_CHARS = 64
 
 
 def status_of(error: ServiceError) -> int:
@@ -110,6 +127,28 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", None) or uuid.uuid4().hex
 
 
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates escaped, so that rendering the response cannot fail."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _echo(part: object) -> str:
+    """A piece of client input (a key) safe to put in a message: short and encodable."""
+    text = str(part)
+    return _encodable(text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "...")
+
+
+def _parse_failure(exc: StarletteHTTPException) -> str:
+    """Why the framework could not parse a body, from the exception type only (never its text)."""
+    if isinstance(exc.__cause__, RecursionError):
+        return "the JSON body is nested too deeply"
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return "the body is not valid UTF-8"
+    if isinstance(exc.__cause__, ValueError):  # e.g. an integer literal of thousands of digits
+        return "the JSON body holds a value that cannot be parsed (a number too long?)"
+    return HTTP_CODES[400][1]
+
+
 def install_handlers(app: FastAPI) -> None:
     """Route every exception to a JSON error with the right status."""
 
@@ -119,15 +158,25 @@ def install_handlers(app: FastAPI) -> None:
         request_id = _request_id(request) if status >= 500 else None
         if status == 500:
             log.error("request %s failed: %s", request_id, exc.message, exc_info=exc.__cause__)
+        elif isinstance(exc, ClientDisconnected):
+            log.info("request %s: the client disconnected; its items were withdrawn", _request_id(request))
         return JSONResponse(error_body(exc.code, exc.message, request_id), status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors()[:20]:
-            where = ".".join(str(part) for part in err.get("loc", ()) if part != "body") or "body"
-            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+            # Locations can hold client-chosen keys: echo them short and encodable.
+            where = ".".join(_echo(part) for part in err.get("loc", ()) if part != "body") or "body"
+            problems.append(f"{where}: {_encodable(str(err.get('msg', 'invalid')))}")
         return JSONResponse(error_body("invalid_request", "; ".join(problems) or "invalid request"), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code, message = HTTP_CODES.get(exc.status_code, ("http_error", "the request cannot be served"))
+        if exc.status_code == 400:
+            message = _parse_failure(exc)
+        return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.errors import PayloadTooLarge, error_body
+from service.errors import ClientDisconnected, PayloadTooLarge, ServiceError, error_body, status_of
 from service.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -59,7 +59,13 @@ class ObserveMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over ``limit`` bytes: by Content-Length at once, or while a chunked body streams."""
+    """413 for a body over ``limit`` bytes: by Content-Length at once, or while a chunked body streams.
+
+    The body is read here, whole, before the app sees the request: the framework turns
+    any error raised while it reads a body into a 400, so the limit must be enforced
+    (and its 413 sent) before the framework starts reading. The framework buffers the
+    whole body anyway, so this costs no extra memory beyond one join.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -69,27 +75,44 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        too_large = PayloadTooLarge(f"the body exceeds {self.limit} bytes")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await _send_413(send, f"the body exceeds {self.limit} bytes")
+            await _send_error(send, too_large)
             return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise PayloadTooLarge(f"the body exceeds {self.limit} bytes")
-            return message
+            if message["type"] != "http.request":  # gone before the body was complete
+                await _send_error(send, ClientDisconnected("the client disconnected"))
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await _send_error(send, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: bytes | None = b"".join(chunks)
 
-        await self.app(scope, counting_receive, send)
+        async def replay() -> Message:
+            """The buffered body once; then the real channel (where a disconnect shows up)."""
+            nonlocal body
+            if body is not None:
+                message: Message = {"type": "http.request", "body": body, "more_body": False}
+                body = None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
-async def _send_413(send: Send, message: str) -> None:
-    body = json.dumps(error_body("payload_too_large", message)).encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _send_error(send: Send, error: ServiceError) -> None:
+    """Answer from the middleware itself; ``connection: close`` because unread body bytes may follow."""
+    body = json.dumps(error_body(error.code, error.message)).encode()
+    await send({"type": "http.response.start", "status": status_of(error),
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
