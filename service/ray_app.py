@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Ctrl-C or SIGTERM the application is deleted (its replicas finish what they hold) and a
     Ray instance started here is stopped; a second signal ends the process at once.
     """
-    from service.__main__ import EXIT_BAD_CONFIG, add_settings_flags, parse_settings
+    from service.__main__ import EXIT_BAD_CONFIG, add_settings_flags, check_keys_or_exit, parse_settings
 
     parser = argparse.ArgumentParser(prog="python -m service.ray_app",
                                      description="CodeScaler reward-model server on Ray Serve")
@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"codescaler-serve: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_keys_or_exit(settings)  # a bad key file fails here, not through replica retries
 
     ray.init(address=address, namespace="serve")
     stop = threading.Event()

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(4096, ge=1, description="More items -> 413.")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Larger body -> 413.")
     max_chars_per_field: int = Field(
-        400_000, ge=1, description="Characters of one problem or response before tokenizing -> 422."
+        400_000, ge=1, description="Characters of one problem or response before tokenizing -> 413."
     )
     request_timeout: float = Field(
         300.0, gt=0, description="Seconds an item may wait in the queue before its request gets 504."
@@ -127,6 +127,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length "
                 f"({self.max_length}), or a maximum-length item could never be scored"
+            )
+        if self.max_queue_items < self.max_items_per_request:
+            raise ValueError(
+                f"max_queue_items ({self.max_queue_items}) must be at least max_items_per_request "
+                f"({self.max_items_per_request}), or a maximum-size request would get 503 forever"
             )
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("ray_min_replicas must not exceed ray_max_replicas")

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,17 +64,23 @@ def free_port() -> int:
 
 def start_server(args: Sequence[str], model_cache: Path, env: dict[str, str] | None = None,
                  timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``codescaler-serve`` as a real process on a free loopback port; wait for /ready."""
+    """Start ``codescaler-serve`` as a real process on a free loopback port; wait for /ready.
+
+    Output goes to a temporary file (a pipe nobody reads would fill and block the server);
+    the drain phase defaults to 0 s so that stopping it in teardown is quick.
+    """
     port = free_port()
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CODESCALER_MODEL_CACHE_DIR": str(model_cache), **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CODESCALER_MODEL_CACHE_DIR": str(model_cache),
+                "CODESCALER_DRAIN_SECONDS": "0", **(env or {})}
     cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{output}")
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read().decode(errors='replace')}")
         try:
             if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
                 return proc, url

@@ -162,7 +162,7 @@ async def test_a_full_queue_answers_503_with_retry_after() -> None:
     scorer = FakeScorer()
     scorer.delay = 0.3
     item = {"problem": "p", "response": CODE}
-    async with call(scorer, max_queue_items=2, max_wait_ms=0) as client:
+    async with call(scorer, max_queue_items=2, max_items_per_request=2, max_wait_ms=0) as client:
         first = asyncio.create_task(client.post("/v1/score", json={"items": [item] * 2}))
         await asyncio.sleep(0.05)  # the first batch is now running; the queue refills
         second = asyncio.create_task(client.post("/v1/score", json={"items": [item] * 2}))

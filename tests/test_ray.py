@@ -57,8 +57,8 @@ def test_replica_count_is_fixed_or_autoscaled(
 
 
 def test_deployment_options_follow_the_settings() -> None:
-    settings = Settings(model="fake", ray_target_ongoing_requests=20, max_queue_items=300, request_timeout=90,
-                        forward_timeout=30)
+    settings = Settings(model="fake", ray_target_ongoing_requests=20, max_queue_items=300,
+                        max_items_per_request=300, request_timeout=90, forward_timeout=30)
     options = deployment_options(settings, num_gpus=1, replica_cpus=4)
     assert options["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 4}
     assert options["max_ongoing_requests"] == 40
