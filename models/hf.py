@@ -1,18 +1,20 @@
-"""The transformers runner: CodeScaler's exact input format, truncation, batching, prefix reuse.
+"""The transformers scorer: CodeScaler's exact input format, truncation, and the choice of runner.
 
 Inputs follow the authors' recipe: a user turn with the problem and an assistant
 turn with the code, rendered by the model's own chat template, tokenized without
 extra special tokens; the score is the classifier logit at the last real token.
 Instead of the authors' right truncation (which cuts the code the score is read
 at), overlong inputs lose tokens from the middle of the problem.
+
+Batches run through one of two runners: packed (no padding, shared prefixes
+cached across batches; CPU with sdpa, or flash_attention_2; models/varlen.py)
+or padded (any attention implementation; models/padded.py).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
-import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,14 +23,19 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from models import tiny
-from models.base import BatchStats, EncodedItem, ModelLoadError, OutOfMemory, Scorer, TooLong
-from models.packing import pack_by_length
+from models import tiny, varlen
+from models.base import EncodedItem, ModelLoadError, OutOfMemory, Scorer, TooLong
+from models.padded import PaddedRunner
+from models.varlen import PackedRunner
 
 log = logging.getLogger(__name__)
 
 EXPECTED_PAD_TOKEN_ID = tiny.PAD_TOKEN_ID
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Tokens per packed forward on a CPU. Matrix products are as efficient at a few thousand
+#: rows as at tens of thousands there (measured: loadtests/bench.py's model, 2 cores), and
+#: smaller chunks keep activations small (16384 tokens of the 25M model: ~100 MB a tensor).
+CPU_CHUNK_TOKENS = 4096
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -91,11 +98,17 @@ class HFScorer(Scorer):
         max_batch_tokens: int = 16384,
         max_batch_items: int = 64,
         max_padding: float = 0.05,
+        prefix_cache_tokens: int = 16384,
+        packed: bool | None = None,
     ) -> None:
+        """Load ``model``; ``packed`` None picks the packed runner where it applies (see models/varlen.py).
+
+        ``prefix_cache_tokens`` bounds the problem states kept between batches (0 = none);
+        ``max_padding`` applies to the padded runner only.
+        """
         self.name = model
         self.revision = revision
         self.max_length = max_length
-        self.prefix_reuse = prefix_reuse
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
         self.max_padding = max_padding
@@ -117,10 +130,18 @@ class HFScorer(Scorer):
             raise ModelLoadError(f"model {model!r}: the tokenizer has no chat template")
         self.pad_token_id = self._check_pad_token()
         self.im_start_id = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
-        base = self.model.base_model
-        params = inspect.signature(base.forward).parameters
-        # transformers 5 renamed past_key_values to cache; accept either release line.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.runner: PackedRunner | PaddedRunner
+        if packed is not False and varlen.supported(self.model, self.device, self.attn_implementation):
+            varlen.install(self.model, self.attn_implementation)
+            chunk = max_batch_tokens if self.device.type != "cpu" else min(max_batch_tokens, CPU_CHUNK_TOKENS)
+            self.runner = PackedRunner(self.model, self.device, max_tokens=chunk,
+                                       prefix_reuse=prefix_reuse, cache_tokens=prefix_cache_tokens)
+        elif packed:
+            raise ModelLoadError(f"model {model!r}: packed scoring needs sdpa on CPU or flash_attention_2")
+        else:
+            self.runner = PaddedRunner(self.model, self.device, self.pad_token_id, max_tokens=max_batch_tokens,
+                                       max_items=max_batch_items, max_padding=max_padding,
+                                       prefix_reuse=prefix_reuse)
         self.template_hash = hashlib.sha256(self.tokenizer.chat_template.encode()).hexdigest()[:16]
 
     def _check_pad_token(self) -> int:
@@ -174,94 +195,36 @@ class HFScorer(Scorer):
 
     # ------------------------------------------------------------------- score
     def score(self, items: Sequence[EncodedItem]) -> list[float]:
-        """Raw logits in input order; groups sharing a problem run it once when prefix reuse is on."""
-        results: list[float | None] = [None] * len(items)
-        self._work = [0, 0]
+        """Raw logits in input order; a problem shared by several items runs once when prefix reuse is on."""
         try:
             with torch.inference_mode():
-                singles: list[int] = []
-                for group in self._groups(items):
-                    if len(group) > 1:
-                        self._score_shared(items, group, results)
-                    else:
-                        singles.extend(group)
-                self._score_plain(items, singles, results)
+                scores, stats = self.runner.run(items)
         except torch.OutOfMemoryError as exc:
+            self.clear_prefix_cache()  # cached prefixes hold device memory; the retry needs it
             raise OutOfMemory(f"out of memory scoring {len(items)} items") from exc
-        assert all(r is not None for r in results)
-        self.last_stats = BatchStats(tokens=self._work[0], padded_tokens=self._work[1])
-        return [float(r) for r in results]  # type: ignore[arg-type]
+        self.last_stats = stats
+        return scores
 
-    def _groups(self, items: Sequence[EncodedItem]) -> list[list[int]]:
-        """Indices grouped by identical problem prefix; one group per item when reuse is off."""
-        if not self.prefix_reuse:
-            return [[i] for i in range(len(items))]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, item in enumerate(items):
-            key = item.input_ids[: item.prefix_len] if item.prefix_len else (id(item),)
-            groups.setdefault(key, []).append(i)
-        return list(groups.values())
+    @property
+    def prefix_reuse(self) -> bool:
+        """Whether shared problems run once (the switch that turns it off for comparison)."""
+        return self.runner.prefix_reuse
 
-    def _pad(self, rows: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, their attention mask and each row's last real position."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, tokens in enumerate(rows):
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, : len(tokens)] = 1
-        last = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)
-        self._work[0] += sum(len(r) for r in rows)
-        self._work[1] += ids.numel()
-        return ids.to(self.device), mask.to(self.device), last.to(self.device)
+    @prefix_reuse.setter
+    def prefix_reuse(self, on: bool) -> None:
+        self.runner.prefix_reuse = on
 
-    def _head(self, hidden: torch.Tensor, last: torch.Tensor) -> list[float]:
-        """The classifier head on each row's last real token (what the HF forward pools)."""
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.model.score(pooled)[:, 0].float().tolist()
-
-    def _score_plain(self, items: Sequence[EncodedItem], indices: list[int], results: list[float | None]) -> None:
-        """Whole sequences, length-sorted into padded batches with little padding."""
-        lengths = [items[i].length for i in indices]
-        for chunk in pack_by_length(lengths, self.max_batch_tokens, self.max_batch_items, self.max_padding):
-            rows = [items[indices[c]].input_ids for c in chunk]
-            ids, mask, last = self._pad(rows)
-            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            for c, value in zip(chunk, self._head(hidden, last), strict=True):
-                results[indices[c]] = value
-
-    def _score_shared(self, items: Sequence[EncodedItem], group: list[int], results: list[float | None]) -> None:
-        """The group's common prefix once, then its suffixes over copies of the prefix cache."""
-        sequences = [items[i].input_ids for i in group]
-        shared = _common_prefix_len(sequences)
-        shared = min(shared, min(len(s) for s in sequences) - 1)  # every suffix keeps a token
-        prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=self.device)
-        self._work[0] += shared
-        self._work[1] += shared
-        out = self.model.base_model(input_ids=prefix, use_cache=True)
-        cache = getattr(out, self._cache_kwarg)
-        suffix_lengths = [len(s) - shared for s in sequences]
-        budget = max(self.max_batch_tokens - shared, 1)
-        for chunk in pack_by_length(suffix_lengths, budget, self.max_batch_items, self.max_padding):
-            rows = [sequences[c][shared:] for c in chunk]
-            ids, mask, last = self._pad(rows)
-            batch_cache = copy.deepcopy(cache)
-            if len(chunk) > 1:
-                batch_cache.batch_repeat_interleave(len(chunk))
-            full_mask = torch.cat([torch.ones((len(chunk), shared), dtype=mask.dtype, device=self.device), mask], 1)
-            positions = torch.arange(shared, shared + ids.shape[1], device=self.device).expand(len(chunk), -1)
-            hidden = self.model.base_model(
-                input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                use_cache=True, **{self._cache_kwarg: batch_cache},
-            ).last_hidden_state
-            for c, value in zip(chunk, self._head(hidden, last), strict=True):
-                results[group[c]] = value
+    def clear_prefix_cache(self) -> None:
+        """Forget the problems kept for reuse across batches (packed runner only)."""
+        if isinstance(self.runner, PackedRunner):
+            self.runner.cache.clear()
 
     # ------------------------------------------------------------------ other
     def warmup(self) -> None:
         """Score two items sharing a problem so both code paths are initialised."""
         items = [self.encode("Warm up.", "print(1)"), self.encode("Warm up.", "print(2)")]
         self.score(items)
+        self.clear_prefix_cache()
 
     def info(self) -> dict[str, Any]:
         """What /v1/models reports."""
@@ -270,15 +233,6 @@ class HFScorer(Scorer):
             "device": str(self.device), "max_length": self.max_length,
             "attn_implementation": self.attn_implementation, "chat_template_sha256": self.template_hash,
             "prefix_reuse": self.prefix_reuse,
+            "runner": "packed" if isinstance(self.runner, PackedRunner) else "padded",
         }
 
-
-def _common_prefix_len(sequences: list[Sequence[int]]) -> int:
-    """Length of the longest prefix that all sequences share."""
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for i in range(n):
-        token = first[i]
-        if any(s[i] != token for s in sequences[1:]):
-            return i
-    return n

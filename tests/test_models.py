@@ -76,16 +76,23 @@ def test_batch_scores_equal_one_at_a_time(tiny_scorer: HFScorer, prefix_reuse: b
     assert max(alone) - min(alone) > 100 * TOL
 
 
-def test_padding_does_not_change_a_score(tiny_scorer: HFScorer, reference, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("packed", [False, True])
+def test_padding_and_packing_do_not_change_a_score(tiny_dir: Path, reference, packed: bool) -> None:  # type: ignore[no-untyped-def]
     _, _, ids, score = reference
-    monkeypatch.setattr(tiny_scorer, "max_padding", 1.0)  # force one padded batch of all lengths
-    monkeypatch.setattr(tiny_scorer, "prefix_reuse", False)
+    # The padded runner with padding allowed everywhere (one padded batch of all lengths),
+    # and the packed runner (no padding at all): both must give each item's lone score.
+    scorer = HFScorer(str(tiny_dir), device="cpu", dtype="float32", packed=packed, max_padding=1.0,
+                      prefix_reuse=False)
     pairs = [(PROBLEMS[0], CODES[2]), (PROBLEMS[1], CODES[1]), (PROBLEMS[2], CODES[3])]
-    items = [tiny_scorer.encode(p, c) for p, c in pairs]
+    items = [scorer.encode(p, c) for p, c in pairs]
     assert len({item.length for item in items}) == 3
-    padded = tiny_scorer.score(items)
-    assert tiny_scorer.last_stats is not None and tiny_scorer.last_stats.padding_ratio > 0.1
-    assert padded == pytest.approx([score(ids(p, c)) for p, c in pairs], abs=TOL)
+    together = scorer.score(items)
+    assert scorer.last_stats is not None
+    if packed:
+        assert scorer.last_stats.padding_ratio == 0.0
+    else:
+        assert scorer.last_stats.padding_ratio > 0.1
+    assert together == pytest.approx([score(ids(p, c)) for p, c in pairs], abs=TOL)
 
 
 def test_truncation_cuts_the_middle_of_the_problem_and_keeps_the_code(tiny_dir: Path, reference) -> None:  # type: ignore[no-untyped-def]
