@@ -37,6 +37,8 @@ class EncodedItem:
     input_ids: tuple[int, ...]
     prefix_len: int
     truncated: bool = False
+    #: The content spelled a control token or a think tag (tokenized as text; models/template.py).
+    forged: bool = False
 
     @property
     def length(self) -> int:

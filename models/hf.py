@@ -26,6 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from models import tiny, varlen
 from models.base import EncodedItem, ModelLoadError, OutOfMemory, Scorer, TooLong
 from models.padded import PaddedRunner
+from models.template import ChatLayout
 from models.varlen import PackedRunner
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class HFScorer(Scorer):
             raise ModelLoadError(f"model {model!r}: the tokenizer has no chat template")
         self.pad_token_id = self._check_pad_token()
         self.im_start_id = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        try:  # contents go into the template as text: they cannot forge its control tokens
+            self.layout = ChatLayout(self.tokenizer)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {model!r}: {exc}") from exc
         self.runner: PackedRunner | PaddedRunner
         if packed is not False and varlen.supported(self.model, self.device, self.attn_implementation):
             varlen.install(self.model, self.attn_implementation)
@@ -163,28 +168,9 @@ class HFScorer(Scorer):
         return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
 
     def encode(self, problem: str, code: str) -> EncodedItem:
-        """Token ids of (problem, code), shortened in the middle of the problem when too long."""
-        text = self.render(problem, code)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = encoding["input_ids"]
-        truncated = False
-        if len(ids) > self.max_length:
-            ids = self._cut_problem_middle(text, problem, ids, encoding["offset_mapping"])
-            truncated = True
-        return EncodedItem(tuple(ids), self._prefix_len(ids), truncated)
-
-    def _cut_problem_middle(self, text: str, problem: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[int]:
-        """Drop tokens from the middle of the problem, keeping its start and end and all of the code."""
-        start = text.find(problem) if problem else -1
-        end = start + len(problem)
-        inside = [i for i, (a, b) in enumerate(offsets) if start >= 0 and a >= start and b <= end]
-        excess = len(ids) - self.max_length
-        if len(inside) < excess:
-            raise TooLong(f"the code needs more than max_length={self.max_length} tokens")
-        keep = len(inside) - excess
-        head = (keep + 1) // 2
-        dropped = set(inside[head : head + excess])
-        return [token for i, token in enumerate(ids) if i not in dropped]
+        """Token ids of (problem, code), shortened in the middle of the problem when too long (models/template.py)."""
+        encoded = self.layout.encode(problem, code, self.max_length)
+        return EncodedItem(tuple(encoded.ids), self._prefix_len(encoded.ids), encoded.truncated, encoded.forged)
 
     def _prefix_len(self, ids: Sequence[int]) -> int:
         """Tokens up to the start of the last turn: they depend on the problem only."""

@@ -108,7 +108,7 @@ def results_of(outcomes: Sequence[ItemOutcome], return_code: bool) -> list[ItemR
                 status=o.extraction.status.value, language=o.extraction.language,
                 code=o.extraction.code if return_code else None,
             ),
-            truncated=o.truncated, tokens=o.tokens, error=o.error,
+            truncated=o.truncated, tokens=o.tokens, error=o.error, forged=o.forged,
         )
         for i, o in enumerate(outcomes)
     ]

@@ -1,22 +1,27 @@
 """The scoring pipeline shared by the HTTP routes, the offline CLI and Ray replicas.
 
-Per request: extraction and tokenization on a thread pool (so the event loop never
-blocks and the next batch is prepared while the model runs), valid items to the
-batcher, shaping of the answers. Invalid, too-long and failed items are answered
-per item; nothing here raises for one bad item.
+Per request: admission first (items and estimated tokens reserved, service/admission.py;
+a refusal costs no extraction or tokenization), then extraction and tokenization on a
+thread pool (so the event loop never blocks and the next batch is prepared while the
+model runs) under the request's deadline, valid items to the batcher, shaping of the
+answers. Invalid, too-long and failed items are answered per item; nothing here raises
+for one bad item.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from models.base import EncodedItem, Scorer, TooLong
+from service.admission import Admission, Ticket, estimate_tokens
 from service.batcher import Batcher, ItemScore
-from service.errors import DeadlineExceeded, ItemFailed
+from service.errors import DeadlineExceeded, ItemFailed, ServiceError
 from service.extraction import Extraction, extract
 from service.metrics import Metrics
 from service.settings import Settings
@@ -47,6 +52,7 @@ class ItemOutcome:
     error: str | None
     queue_s: float = 0.0
     inference_s: float = 0.0
+    forged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,10 @@ class _Prepared:
     extraction: Extraction
     encoded: EncodedItem | None
     error: str | None
+
+
+class _Abandoned(Exception):
+    """The request's deadline passed, or it went away, while its items waited for a worker."""
 
 
 class Engine:
@@ -70,6 +80,9 @@ class Engine:
             forward_timeout=settings.forward_timeout,
         )
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="codescaler-prep")
+        # Bounds the preparation pool's queue too: only admitted items are ever submitted to it.
+        self.admission = Admission(settings.max_queue_items, settings.max_queue_tokens,
+                                   retry_after=max(1, math.ceil(settings.max_wait_ms / 1000 + 1)))
 
     @property
     def healthy(self) -> bool:
@@ -95,25 +108,58 @@ class Engine:
         timeout: float | None = None,
     ) -> list[ItemOutcome]:
         """Outcomes for ``inputs`` in order; raises only for whole-request failures (overload, ...)."""
-        policy = extraction or self.settings.extraction
+        wait = timeout if timeout is not None else self.settings.request_timeout
+        estimate = sum(estimate_tokens(len(i.problem) + len(i.response), self.settings.max_length) for i in inputs)
+        try:
+            ticket = await self.admission.admit(len(inputs), estimate, wait)
+        except ServiceError as exc:
+            self.metrics.refused.labels(exc.code).inc()
+            raise
+        self._observe_admission()
+        try:
+            return await self._score_admitted(inputs, ticket, extraction or self.settings.extraction,
+                                              shaping or self.settings.shaping, wait)
+        finally:
+            ticket.release()
+            self._observe_admission()
+
+    def _observe_admission(self) -> None:
+        self.metrics.admitted_items.set(self.admission.items)
+        self.metrics.admitted_tokens.set(self.admission.tokens)
+
+    async def _score_admitted(
+        self, inputs: Sequence[ItemInput], ticket: Ticket, policy: str, shaping: str, wait: float
+    ) -> list[ItemOutcome]:
+        """Prepare (under the deadline), settle the reservation to the exact tokens, queue, shape."""
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + wait
+        abandoned = threading.Event()  # tells queued preparation tasks to skip their items
         chunks = [inputs[i : i + PREPARE_CHUNK] for i in range(0, len(inputs), PREPARE_CHUNK)]
-        prepared_chunks = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._prepare, chunk, policy) for chunk in chunks)
-        )
+        chars_before = self._tokenized_chars()
+        try:
+            prepared_chunks = await asyncio.gather(*(
+                loop.run_in_executor(self._pool, self._prepare, chunk, policy, deadline, abandoned)
+                for chunk in chunks
+            ))
+        except _Abandoned:
+            raise DeadlineExceeded("the request timed out waiting for preparation") from None
+        finally:
+            abandoned.set()
+            self.metrics.tokenizer_chars.inc(max(0, self._tokenized_chars() - chars_before))
         prepared = [p for chunk in prepared_chunks for p in chunk]
         to_run = [i for i, p in enumerate(prepared) if p.encoded is not None]
+        ticket.settle(len(to_run), sum(prepared[i].encoded.length for i in to_run))  # type: ignore[union-attr]
+        self._observe_admission()
         futures = self.batcher.submit(
             [prepared[i].encoded for i in to_run],  # type: ignore[misc]
-            timeout if timeout is not None else self.settings.request_timeout,
+            max(0.0, deadline - time.monotonic()),
         )
         answers: dict[int, ItemScore | BaseException] = {}
         if futures:
             # The batcher expires queued items only when its loop reaches them; a model
             # thread stuck in a forward would keep this request waiting for ever. Past
             # queueing time plus one full forward, answer 504 ourselves.
-            patience = (timeout if timeout is not None else self.settings.request_timeout) \
-                + self.settings.forward_timeout
+            patience = max(0.0, deadline - time.monotonic()) + self.settings.forward_timeout
             # asyncio.wait rather than wait_for(gather(...)): a gather cancelled by wait_for
             # ends with an exception nobody retrieves, logged as an error on every disconnect.
             try:
@@ -130,17 +176,32 @@ class Engine:
         for answer in answers.values():
             if isinstance(answer, BaseException) and not isinstance(answer, ItemFailed):
                 raise answer
-        outcomes = [self._outcome(p, answers.get(i), shaping or self.settings.shaping) for i, p in enumerate(prepared)]
+        outcomes = [self._outcome(p, answers.get(i), shaping) for i, p in enumerate(prepared)]
         for outcome in outcomes:
             self.metrics.items.labels(outcome.extraction.status.value).inc()
             if outcome.valid:
                 self.metrics.reward.observe(outcome.reward)
+            if outcome.forged:
+                self.metrics.forged_items.inc()
         return outcomes
 
-    def _prepare(self, chunk: Sequence[ItemInput], policy: str) -> list[_Prepared]:
-        """Runs on a worker thread: extraction, then the model's exact tokenization."""
+    def _tokenized_chars(self) -> int:
+        """Characters the scorer's tokenizer has seen (HFScorer counts them; other scorers 0)."""
+        layout = getattr(self.scorer, "layout", None)
+        return int(getattr(layout, "tokenized_chars", 0))
+
+    def _prepare(
+        self, chunk: Sequence[ItemInput], policy: str, deadline: float, abandoned: threading.Event
+    ) -> list[_Prepared]:
+        """Runs on a worker thread: extraction, then the model's exact tokenization.
+
+        Checked before each item: past the request's deadline, or once the request has
+        been given up, nothing more is done for it (the pool never works for nobody).
+        """
         prepared = []
         for item in chunk:
+            if abandoned.is_set() or time.monotonic() > deadline:
+                raise _Abandoned
             found = extract(item.response, policy, item.language or self.settings.language)
             if not found.valid or found.code is None:
                 prepared.append(_Prepared(found, None, found.status.value))
@@ -156,6 +217,7 @@ class Engine:
         encoded = prepared.encoded
         tokens = encoded.length if encoded else 0
         truncated = encoded.truncated if encoded else False
+        forged = encoded.forged if encoded else False
         invalid = shape(None, False, shaping, self.settings.invalid_reward)
         error = prepared.error
         if isinstance(answer, ItemFailed):
@@ -164,6 +226,6 @@ class Engine:
             if math.isfinite(answer.score):
                 reward = shape(answer.score, True, shaping, self.settings.invalid_reward)
                 return ItemOutcome(reward, answer.score, True, prepared.extraction, truncated, tokens, None,
-                                   answer.queue_s, answer.inference_s)
+                                   answer.queue_s, answer.inference_s, forged)
             error = "non_finite_score"
-        return ItemOutcome(invalid, None, False, prepared.extraction, truncated, tokens, error)
+        return ItemOutcome(invalid, None, False, prepared.extraction, truncated, tokens, error, forged=forged)

@@ -76,6 +76,12 @@ class ClientDisconnected(ServiceError):
     code = "client_disconnected"
 
 
+class RequestTimeout(ServiceError):
+    """The request's body did not arrive within ``--body-read-timeout``; the connection is closed."""
+
+    code = "request_timeout"
+
+
 class ItemFailed(Exception):
     """One item could not be scored (reported in its result, not as an HTTP error)."""
 
@@ -93,6 +99,7 @@ STATUS: dict[type[ServiceError], int] = {
     NotReady: 503,
     DeadlineExceeded: 504,
     ScoringFailed: 500,
+    RequestTimeout: 408,
     ClientDisconnected: 499,  # nginx's "client closed request": nobody reads it, metrics count it
     ServiceError: 500,
 }

@@ -41,3 +41,17 @@ class Metrics:
         self.reward = Histogram("codescaler_reward", "Shaped rewards of scored items.",
                                 buckets=REWARD_BUCKETS, registry=r)
         self.tokens = Counter("codescaler_tokens_total", "Tokens run through the model.", registry=r)
+        # --- admission and abuse (issue 12)
+        self.admitted_items = Gauge("codescaler_admitted_items",
+                                    "Items reserved by admitted requests (preparing, queued or in a forward).",
+                                    registry=r)
+        self.admitted_tokens = Gauge("codescaler_admitted_tokens",
+                                     "Tokens reserved by admitted requests (estimated until tokenized).", registry=r)
+        self.refused = Counter("codescaler_refused_total", "Requests refused before any work, by reason.",
+                               ["reason"], registry=r)
+        self.forged_items = Counter("codescaler_forged_items_total",
+                                    "Items whose problem or code spelled a control token or a think tag "
+                                    "(tokenized as plain text).", registry=r)
+        self.tokenizer_chars = Counter("codescaler_tokenizer_chars_total",
+                                       "Characters handed to the tokenizer (a shared problem counts once).",
+                                       registry=r)

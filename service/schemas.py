@@ -76,6 +76,8 @@ class ItemResult(BaseModel):
     truncated: bool
     tokens: int
     error: str | None
+    forged: bool = Field(False, description="The problem or code spelled a control token or a think tag; "
+                         "it was read as plain text (counted in codescaler_forged_items_total).")
 
 
 class Usage(BaseModel):

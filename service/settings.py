@@ -94,6 +94,19 @@ class Settings(BaseSettings):
         5.0, ge=0, description="After SIGTERM, seconds that scoring requests are still accepted."
     )
 
+    # --- admission (issue 12)
+    max_queue_tokens: int = Field(
+        8_388_608, ge=64, description="Tokens admitted at once (being prepared, queued or in a forward), "
+        "estimated from characters until tokenized; more -> 503 + Retry-After."
+    )
+    body_read_timeout: float = Field(
+        60.0, gt=0, le=3600, description="Seconds a request's whole body may take to arrive before 408."
+    )
+    max_active_requests: int = Field(
+        1024, ge=1, description="Requests being read or answered at once (idle keep-alive connections "
+        "do not count); more -> 503 + Retry-After. /health and /ready are never refused."
+    )
+
     # --- security -----------------------------------------------------------
     api_key: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted bearer keys (repeatable); none = open."
@@ -133,6 +146,9 @@ class Settings(BaseSettings):
                 f"max_queue_items ({self.max_queue_items}) must be at least max_items_per_request "
                 f"({self.max_items_per_request}), or a maximum-size request would get 503 forever"
             )
+        if self.max_queue_tokens < self.max_length:
+            raise ValueError(f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_length "
+                             f"({self.max_length}), or a maximum-length item could never be admitted")
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
         return self

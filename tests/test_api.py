@@ -42,7 +42,7 @@ async def test_score_returns_results_in_input_order_with_usage_and_timing() -> N
     assert first["reward"] > 0 and last["reward"] > 0
     assert bad == {"index": 1, "reward": 0.0, "score": None, "valid": False,
                    "extraction": {"status": "no_code", "language": "python", "code": None},
-                   "truncated": False, "tokens": 0, "error": "no_code"}
+                   "truncated": False, "tokens": 0, "error": "no_code", "forged": False}
     assert body["usage"] == {"items": 3, "scored": 2, "tokens": first["tokens"] + last["tokens"]}
     assert float(r.headers["x-queue-time"]) >= 0 and float(r.headers["x-inference-time"]) >= 0
     assert r.headers["x-request-id"]
