@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry
 
 from models.base import Scorer
 from service import api, compat
-from service.auth import key_digests, load_keys
+from service.auth import KeyCheck, key_digests, load_keys, require_key, require_metrics_key
 from service.engine import Engine
 from service.errors import install_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, ObserveMiddleware
+from service.middleware import ActiveLimitMiddleware, BodyLimitMiddleware, ObserveMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("codescaler.app")
@@ -88,11 +88,21 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # Added innermost first: Observe -> KeyCheck -> ActiveLimit -> BodyLimit -> (CORS) -> routes.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
+    app.add_middleware(ActiveLimitMiddleware, limit=settings.max_active_requests, exempt=frozenset({"/health", "/ready"}))
+    app.add_middleware(KeyCheck, digests=app.state.key_digests, protected=_keyed_paths(settings))
     endpoints = {path for router in (api.router, compat.router) for route in router.routes
                  if isinstance(path := getattr(route, "path", None), str)}
     app.add_middleware(ObserveMiddleware, metrics=metrics, endpoints=endpoints)
     return app
+
+
+def _keyed_paths(settings: Settings) -> frozenset[str]:
+    """Paths whose routes require a key: the middleware checks them before reading a body."""
+    guards = {require_key} if settings.metrics_public else {require_key, require_metrics_key}
+    return frozenset(route.path for router in (api.router, compat.router) for route in router.routes
+                     if any(dep.dependency in guards for dep in getattr(route, "dependencies", [])))
 
 
 async def wait_until_ready(app: FastAPI) -> None:

@@ -15,6 +15,11 @@ Algorithm, per batch:
 
 A full queue refuses new items at once (Overloaded -> 503 + Retry-After): waiting
 is bounded, memory is bounded.
+
+No silent death: however the loop ends (a bug, cancellation by ``stop``), its
+done-callback logs why and answers every queued item and the batch in a forward with
+NotReady (503 + Retry-After) at once; ``healthy`` turns False, so /ready says 503.
+A forward still running then is abandoned on its thread (its answers are discarded).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class Batcher:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codescaler-model")
         self._task: asyncio.Task[None] | None = None
         self._forward_since: float | None = None
+        self._in_flight: list[_Pending] = []  # the batch in a forward (answered if the loop ends)
+        self.stopped_because: str | None = None  # why the loop ended (None while it runs)
 
     # ------------------------------------------------------------------ state
     @property
@@ -96,28 +103,50 @@ class Batcher:
 
     def start(self) -> None:
         """Start the batch loop on the running event loop."""
+        self.stopped_because = None
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="codescaler-batcher")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """Done-callback of the loop task: say why, and answer everything it held (503 + Retry-After)."""
+        if task.cancelled():
+            self.stopped_because = "stopped"
+            log.info("batch loop stopped; answering %d queued and %d in-flight items with 503",
+                     len(self._queue), len(self._in_flight))
+        else:
+            exc = task.exception()
+            self.stopped_because = f"died: {type(exc).__name__}" if exc else "ended"
+            log.critical("batch loop %s; answering %d queued and %d in-flight items with 503; /ready is 503",
+                         self.stopped_because, len(self._queue), len(self._in_flight), exc_info=exc)
+        gone = NotReady("the scoring loop is not running; retry (another replica)",
+                        headers={"Retry-After": str(max(1, math.ceil(self.max_wait + 1)))})
+        for pending in [*self._in_flight, *self._queue]:
+            if not pending.future.done():
+                pending.future.set_exception(gone)
+        self._in_flight = []
+        self._queue = []
+        self.metrics.queue_items.set(0)
 
     async def stop(self) -> None:
-        """Stop the loop; anything still queued fails with NotReady (answered, not lost)."""
+        """Stop the loop; every queued and in-flight item is answered with NotReady (not lost).
+
+        The model thread is not waited for: a forward stuck in it must not hold up shutdown.
+        """
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for pending in self._queue:
-            if not pending.future.done():
-                pending.future.set_exception(NotReady("the service is shutting down"))
-        self._queue.clear()
-        self.metrics.queue_items.set(0)
+            except Exception:  # noqa: BLE001 - already logged and answered by _loop_ended
+                pass
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------- submit
     def submit(self, items: Sequence[EncodedItem], timeout: float) -> list[asyncio.Future[ItemScore]]:
         """Queue ``items`` (all or none) and return one future per item, in order."""
         if self._task is None or self._task.done():
-            raise NotReady("the batch loop is not running")
+            raise NotReady("the batch loop is not running", headers={"Retry-After": "1"})
         if len(self._queue) + len(items) > self.max_queue_items:
             retry = max(1, math.ceil(self.max_wait + 1))
             raise Overloaded("the queue is full; retry later", headers={"Retry-After": str(retry)})
@@ -141,7 +170,9 @@ class Batcher:
             await self._fill()
             batch = self._take()
             if batch:
+                self._in_flight = batch
                 await self._run(batch)
+                self._in_flight = []
 
     async def _fill(self) -> None:
         """Wait until a batch is full or the oldest item has waited ``max_wait``."""

@@ -115,6 +115,13 @@ _MAX_LENIENT_CANDIDATES = 64
 _TREE_SITTER_CPU_BUDGET_S = 1.0
 _READ_CHUNK = 64 * 1024  # bytes handed to tree-sitter per read callback
 
+# ast.parse cannot be interrupted and holds the GIL throughout: about 1 us per character
+# of typical code and 3 us for dense one-statement lines (0.39 s for 400 kB froze the
+# event loop). Longer Python is judged a syntax error without parsing, like code past the
+# tree-sitter budget: 128 Ki characters is ~0.15-0.4 s of parsing at most, and more code
+# than fits the longest inputs anyone scores (32k tokens at ~4 characters a token).
+_AST_MAX_CHARS = 128 * 1024
+
 # What ast.parse raises on hostile input: SyntaxError (including "too many nested
 # parentheses"), ValueError (NUL bytes, lone surrogates via UnicodeEncodeError, huge int
 # literals), RecursionError / MemoryError (deep nesting hits the parser's stack guard);
@@ -166,6 +173,8 @@ def _parses(code: str, language: str, deadline: float) -> bool:
     languages beats silently repairing the text for tree-sitter only.
     """
     if language == "python":
+        if len(code) > _AST_MAX_CHARS:
+            return False
         try:
             ast.parse(code)
         except _PYTHON_PARSE_ERRORS:

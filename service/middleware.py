@@ -1,18 +1,30 @@
-"""Pure ASGI middleware: request ids, request metrics and the body-size limit.
+"""Pure ASGI middleware: request ids, request metrics, the active-request bound, the body limits.
 
 Pure ASGI rather than BaseHTTPMiddleware so that chunked bodies are counted as they
-stream in and no extra task sits between the client and the route.
+stream in and no extra task sits between the client and the route. Order, outermost
+first: ObserveMiddleware, the key check (service/auth.py), ActiveLimitMiddleware,
+BodyLimitMiddleware; so a request without a key, or one over the bound, is answered
+from its headers before any of its body is read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.errors import ClientDisconnected, PayloadTooLarge, ServiceError, error_body, status_of
+from service.errors import (
+    ClientDisconnected,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    error_body,
+    status_of,
+)
 from service.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -58,18 +70,51 @@ class ObserveMiddleware:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
 
 
-class BodyLimitMiddleware:
-    """413 for a body over ``limit`` bytes: by Content-Length at once, or while a chunked body streams.
+class ActiveLimitMiddleware:
+    """503 + Retry-After, from the headers alone, once ``limit`` requests are being read or answered.
 
-    The body is read here, whole, before the app sees the request: the framework turns
-    any error raised while it reads a body into a 400, so the limit must be enforced
-    (and its 413 sent) before the framework starts reading. The framework buffers the
-    whole body anyway, so this costs no extra memory beyond one join.
+    A request counts from its headers to its last response byte. uvicorn calls the app
+    only when a request's headers have arrived, so idle keep-alive connections (a
+    trainer's connection pool) never count: the bound is on work, not on connections.
+    /health and /ready are never refused, so probes see the truth under a flood.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str]) -> None:
         self.app = app
         self.limit = limit
+        self.exempt = exempt
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            await send_error(send, Overloaded("too many requests in progress; retry later",
+                                              headers={"Retry-After": "1"}))
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``limit`` bytes (by Content-Length at once, or while a chunked body
+    streams); 408 for a body that has not fully arrived ``read_timeout`` seconds after it began.
+
+    The body is read here, whole, before the app sees the request: the framework turns
+    any error raised while it reads a body into a 400, so the limits must be enforced
+    (and their answers sent) before the framework starts reading. The framework buffers
+    the whole body anyway, so this costs no extra memory beyond one join. Both answers
+    close the connection, which frees it from a client that trickles its body.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, read_timeout: float = 60.0) -> None:
+        self.app = app
+        self.limit = limit
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,19 +123,25 @@ class BodyLimitMiddleware:
         too_large = PayloadTooLarge(f"the body exceeds {self.limit} bytes")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await _send_error(send, too_large)
+            await send_error(send, too_large)
             return
         chunks: list[bytes] = []
         seen = 0
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.read_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, give_up - loop.time()))
+            except TimeoutError:
+                await send_error(send, RequestTimeout(f"the body did not arrive within {self.read_timeout:g} s"))
+                return
             if message["type"] != "http.request":  # gone before the body was complete
-                await _send_error(send, ClientDisconnected("the client disconnected"))
+                await send_error(send, ClientDisconnected("the client disconnected"))
                 return
             chunk = message.get("body", b"")
             seen += len(chunk)
             if seen > self.limit:
-                await _send_error(send, too_large)
+                await send_error(send, too_large)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -109,10 +160,11 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-async def _send_error(send: Send, error: ServiceError) -> None:
-    """Answer from the middleware itself; ``connection: close`` because unread body bytes may follow."""
+async def send_error(send: Send, error: ServiceError) -> None:
+    """Answer from a middleware itself; ``connection: close`` because unread body bytes may follow."""
     body = json.dumps(error_body(error.code, error.message)).encode()
-    await send({"type": "http.response.start", "status": status_of(error),
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+    await send({"type": "http.response.start", "status": status_of(error), "headers": headers})
     await send({"type": "http.response.body", "body": body})
