@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
 import os
 import sys
@@ -236,7 +235,7 @@ def summary(mode: str, tally: Tally, skipped: int, seconds: float, target: Path)
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
     """The flags of one mode: the input, the output, the run's own options and every server setting."""
-    from service.__main__ import add_settings_flags
+    from service.cli import add_settings_flags
 
     what = '{"problem", "response"}' if mode == "score" else '{"problem", "responses": [...]}'
     parser = argparse.ArgumentParser(prog=f"codescaler-serve {mode}",
@@ -256,12 +255,12 @@ def main(args: Sequence[str]) -> None:
     """``codescaler-serve score|rank ...``: ``args[0]`` is the mode."""
     from tqdm import tqdm
 
-    from service.__main__ import load_or_exit, parse_settings
+    from service.cli import load_or_exit, parse_settings, setup_logging
 
     mode, rest = args[0], list(args[1:])
     options = vars(build_parser(mode).parse_args(rest))
     settings = parse_settings({k: v for k, v in options.items() if k not in OWN_OPTIONS})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     source, target = options["input"], options["output"]
     chunk_items = max(1, min(options["chunk_items"], settings.max_queue_items // 2))
     try:

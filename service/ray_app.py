@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from fastapi import FastAPI
 from prometheus_client import Gauge, start_http_server
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
@@ -217,8 +217,7 @@ class CodeScalerReplica:
     # Attribute names carry a prefix: Serve mixes this class with its own ASGI wrapper,
     # which already owns names such as ``app``.
     def __init__(self, settings: Settings, options: RayOptions) -> None:
-        for name in ("codescaler", "models"):
-            logging.getLogger(name).setLevel(settings.log_level.upper())
+        setup_logging(settings)  # Ray owns the root handler here: only our loggers' level changes
         context = serve.get_replica_context()
         self.codescaler_replica = context.replica_id.to_full_id_str()
         self.codescaler_app = create_app(settings)
@@ -268,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Ctrl-C or SIGTERM the application is deleted (its replicas finish what they hold) and a
     Ray instance started here is stopped; a second signal ends the process at once.
     """
-    from service.__main__ import EXIT_BAD_CONFIG, add_settings_flags, check_keys_or_exit, parse_settings
+    from service.cli import add_settings_flags, check_keys_or_exit, parse_settings, setup_logging, validated_or_exit
 
     parser = argparse.ArgumentParser(prog="python -m service.ray_app",
                                      description="CodeScaler reward-model server on Ray Serve")
@@ -282,13 +281,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     address = values.pop("ray_address")
     ray_values = {k: values.pop(k) for k in list(values) if k in RayOptions.model_fields}
     settings = parse_settings(values)
-    try:
-        options = RayOptions(**ray_values)
-    except ValidationError as exc:
-        for err in exc.errors():
-            print(f"codescaler-serve: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = validated_or_exit(RayOptions, ray_values)
+    setup_logging(settings)
     check_keys_or_exit(settings)  # a bad key file fails here, not through replica retries
 
     ray.init(address=address, namespace="serve")
