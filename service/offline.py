@@ -36,7 +36,9 @@ from typing import IO, Any
 from models.base import Scorer
 from service.engine import Engine, ItemInput, ItemOutcome
 from service.metrics import Metrics
+from service.schemas import check_unicode
 from service.settings import Settings
+from service.shaping import ranking
 
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
@@ -55,10 +57,9 @@ def _text(name: str, value: Any, limit: int) -> str:
     if len(value) > limit:
         raise BadLine(f'"{name}" has {len(value)} characters; the limit is {limit}')
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadLine(f'"{name}" contains a lone surrogate (invalid Unicode)') from None
-    return value
+        return check_unicode(value)
+    except ValueError as exc:
+        raise BadLine(f'"{name}" {exc}') from None
 
 
 def parse_line(raw: bytes, mode: str, settings: Settings) -> tuple[Record, list[ItemInput]] | None:
@@ -146,9 +147,9 @@ def score_fields(outcome: ItemOutcome) -> Record:
 
 
 def rank_fields(outcomes: Sequence[ItemOutcome]) -> Record:
-    """What rank mode adds: the server's ranking rule (reward, highest first; ties by index)."""
-    ranking = sorted(range(len(outcomes)), key=lambda i: (-outcomes[i].reward, i))
-    return {"best": ranking[0], "ranking": ranking, "rewards": [o.reward for o in outcomes],
+    """What rank mode adds: the ranking by the server's rule (``shaping.ranking``)."""
+    order = ranking([o.reward for o in outcomes])
+    return {"best": order[0], "ranking": order, "rewards": [o.reward for o in outcomes],
             "scores": [o.score for o in outcomes], "valid": [o.valid for o in outcomes],
             "extraction_status": [o.extraction.status.value for o in outcomes],
             "errors": [o.error for o in outcomes], "truncated": [o.truncated for o in outcomes],
