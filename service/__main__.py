@@ -9,134 +9,11 @@ once with exit code 2. SIGTERM (or Ctrl-C) drains gracefully and exits 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import ipaddress
-import logging
 import sys
-import typing
 from collections.abc import Sequence
-from types import FrameType
-from typing import TYPE_CHECKING
 
-import uvicorn
-from pydantic import ValidationError
-
-from service.settings import Settings
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-EXIT_BAD_CONFIG = 2
-log = logging.getLogger("codescaler.main")
-
-
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field; only flags given on the command line override env and defaults."""
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
-        if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        elif typing.get_origin(field.annotation) is list:
-            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)")
-        else:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
-
-
-def parse_settings(values: dict[str, object]) -> Settings:
-    """Settings from CLI values over the environment; a bad value exits 2 with one line per problem."""
-    try:
-        return Settings(**values)
-    except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"codescaler-serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
-
-
-def load_or_exit(settings: Settings):  # type: ignore[no-untyped-def]
-    """Load the model or end the process with exit code 2 and one line saying why."""
-    from models.base import ModelLoadError
-    from service.app import load_scorer
-
-    try:
-        return load_scorer(settings)
-    except ModelLoadError as exc:
-        print(f"codescaler-serve: cannot load {exc}; to try the service without it, use --model tiny-random",
-              file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
-
-
-def check_keys_or_exit(settings: Settings) -> None:
-    """Refuse an unreadable or empty key file (exit 2); warn when serving beyond loopback without keys."""
-    from service.auth import load_keys
-
-    try:
-        keys = load_keys(settings)
-    except (OSError, ValueError) as exc:
-        print(f"codescaler-serve: cannot use the API keys: {exc}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
-    if not keys and not _is_loopback(settings.host):
-        log.warning("no API key configured and bound to %s: anyone who can reach this port can score; "
-                    "give --api-key or --api-key-file", settings.host)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: assume it reaches beyond this machine
-        return False
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, with a drain before its own graceful shutdown, ending in exit code 0.
-
-    uvicorn on SIGTERM stops accepting connections at once (load balancers still
-    send traffic there) and afterwards re-raises the signal (the process dies with
-    -15). Here the first SIGTERM or SIGINT starts ``app.drain``; when it returns,
-    uvicorn shuts down as usual (finishing responses in progress) and the process
-    exits normally. A second signal skips the rest of the drain; a third forces exit.
-    """
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
-        super().__init__(config)
-        self.app = app
-        self.settings = settings
-        self.signals = 0
-        self.drain_task: asyncio.Task[None] | None = None
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """Runs in the signal handler: flip readiness now, start the drain on the next tick.
-
-        The signal is deliberately not recorded for uvicorn to re-raise after shutdown.
-        """
-        self.signals += 1
-        self.app.state.draining = True
-        if self.signals == 2:
-            self.should_exit = True
-        elif self.signals > 2:
-            self.force_exit = True
-
-    async def on_tick(self, counter: int) -> bool:
-        """uvicorn's 0.1 s tick: start the drain after a signal; exit once it is done."""
-        if self.signals and self.drain_task is None:
-            from service.app import drain
-
-            patience = self.settings.request_timeout + self.settings.forward_timeout
-            self.drain_task = asyncio.create_task(drain(self.app, self.settings.drain_seconds, patience))
-        if self.drain_task is not None and self.drain_task.done():
-            self.should_exit = True
-        return await super().on_tick(counter)
-
-
-def run_server(app: FastAPI, settings: Settings) -> None:
-    """Serve ``app`` until a signal has drained it (shared by the CLI and the test servers)."""
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_keep_alive=75)
-    DrainingServer(config, app, settings).run()
+from service.cli import (add_settings_flags, check_keys_or_exit, load_or_exit, parse_settings, run_server,
+                         setup_logging)
 
 
 def serve(argv: Sequence[str]) -> None:
@@ -146,7 +23,7 @@ def serve(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="codescaler-serve", description="CodeScaler reward-model server")
     add_settings_flags(parser)
     settings = parse_settings(vars(parser.parse_args(argv)))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     check_keys_or_exit(settings)
     scorer = load_or_exit(settings)
     run_server(create_app(settings, scorer), settings)

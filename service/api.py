@@ -28,6 +28,7 @@ from service.schemas import (
     Usage,
 )
 from service.settings import Settings
+from service.shaping import ranking
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -152,11 +153,11 @@ async def rank(body: RankRequest, request: Request, response: Response) -> RankR
     engine = engine_of(request)
     inputs = [ItemInput(body.problem, text, body.language) for text in body.responses]
     outcomes = await score_items(request, response, inputs, extraction=body.extraction, shaping=body.shaping)
-    ranking = sorted(range(len(outcomes)), key=lambda i: (-outcomes[i].reward, i))
+    order = ranking([o.reward for o in outcomes])
     if body.top_k is not None:
-        ranking = ranking[: body.top_k]
+        order = order[: body.top_k]
     set_timing_headers(response, outcomes)
-    return RankResponse(model=engine.scorer.name, best=ranking[0], ranking=ranking,
+    return RankResponse(model=engine.scorer.name, best=order[0], ranking=order,
                         results=results_of(outcomes, body.return_code), usage=usage_of(outcomes))
 
 

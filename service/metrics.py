@@ -1,12 +1,13 @@
 """The codescaler_* Prometheus metrics, registered on an injected registry.
 
 Buckets are explicit so that dashboards and alerts mean the same thing on every
-deployment; an app built in a test gets its own registry.
+deployment; an app built in a test gets its own registry. No ``*_created`` series: they
+double what a scrape carries and no dashboard or alert reads them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
 FORWARD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -20,6 +21,9 @@ class Metrics:
     """All service metrics; one instance per app, on its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # prometheus-client has this one process-wide switch (read at each scrape), no per-registry one;
+        # every process that builds our metrics serves only ours, so turning it off here is enough.
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter("codescaler_requests_total", "HTTP requests by endpoint and status.",

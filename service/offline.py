@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
 import os
 import sys
@@ -37,7 +36,9 @@ from typing import IO, Any
 from models.base import Scorer
 from service.engine import Engine, ItemInput, ItemOutcome
 from service.metrics import Metrics
+from service.schemas import check_unicode
 from service.settings import Settings
+from service.shaping import ranking
 
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
@@ -56,10 +57,9 @@ def _text(name: str, value: Any, limit: int) -> str:
     if len(value) > limit:
         raise BadLine(f'"{name}" has {len(value)} characters; the limit is {limit}')
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadLine(f'"{name}" contains a lone surrogate (invalid Unicode)') from None
-    return value
+        return check_unicode(value)
+    except ValueError as exc:
+        raise BadLine(f'"{name}" {exc}') from None
 
 
 def parse_line(raw: bytes, mode: str, settings: Settings) -> tuple[Record, list[ItemInput]] | None:
@@ -147,9 +147,9 @@ def score_fields(outcome: ItemOutcome) -> Record:
 
 
 def rank_fields(outcomes: Sequence[ItemOutcome]) -> Record:
-    """What rank mode adds: the server's ranking rule (reward, highest first; ties by index)."""
-    ranking = sorted(range(len(outcomes)), key=lambda i: (-outcomes[i].reward, i))
-    return {"best": ranking[0], "ranking": ranking, "rewards": [o.reward for o in outcomes],
+    """What rank mode adds: the ranking by the server's rule (``shaping.ranking``)."""
+    order = ranking([o.reward for o in outcomes])
+    return {"best": order[0], "ranking": order, "rewards": [o.reward for o in outcomes],
             "scores": [o.score for o in outcomes], "valid": [o.valid for o in outcomes],
             "extraction_status": [o.extraction.status.value for o in outcomes],
             "errors": [o.error for o in outcomes], "truncated": [o.truncated for o in outcomes],
@@ -236,7 +236,7 @@ def summary(mode: str, tally: Tally, skipped: int, seconds: float, target: Path)
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
     """The flags of one mode: the input, the output, the run's own options and every server setting."""
-    from service.__main__ import add_settings_flags
+    from service.cli import add_settings_flags
 
     what = '{"problem", "response"}' if mode == "score" else '{"problem", "responses": [...]}'
     parser = argparse.ArgumentParser(prog=f"codescaler-serve {mode}",
@@ -256,12 +256,12 @@ def main(args: Sequence[str]) -> None:
     """``codescaler-serve score|rank ...``: ``args[0]`` is the mode."""
     from tqdm import tqdm
 
-    from service.__main__ import load_or_exit, parse_settings
+    from service.cli import load_or_exit, parse_settings, setup_logging
 
     mode, rest = args[0], list(args[1:])
     options = vars(build_parser(mode).parse_args(rest))
     settings = parse_settings({k: v for k, v in options.items() if k not in OWN_OPTIONS})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     source, target = options["input"], options["output"]
     chunk_items = max(1, min(options["chunk_items"], settings.max_queue_items // 2))
     try:

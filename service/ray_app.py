@@ -1,8 +1,9 @@
 """Ray Serve scale-out: the single-process app and engine as replicas behind one address.
 
-Each replica runs ``create_app(settings)`` unchanged (same routes, engine, batcher,
-metrics registry); Ray Serve's HTTP proxy spreads requests over the replicas and the
-autoscaler adds or removes replicas on ongoing requests. Start it on a running cluster::
+This module decides how many replicas run and with what resources, and holds the entry
+points; each replica (``service.ray_replica``) runs ``create_app(settings)`` unchanged.
+Ray Serve's HTTP proxy spreads requests over the replicas and the autoscaler adds or
+removes replicas on ongoing requests. Start it on a running cluster::
 
     serve run service.ray_app:build_app model=LARK-Lab/CodeScaler-8B ray_max_replicas=8
     python -m service.ray_app --model LARK-Lab/CodeScaler-8B --host 0.0.0.0 --ray-address auto
@@ -24,41 +25,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
-from fastapi import FastAPI
-from prometheus_client import Gauge, start_http_server
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from service.app import create_app, wait_until_ready
-from service.middleware import ASGIApp, Message, Receive, Scope, Send
+from service.cli import add_settings_flags, check_keys_or_exit, parse_settings, setup_logging, validated_or_exit
+from service.ray_replica import CodeScalerReplica, RayOptions
 from service.settings import Settings
 
 log = logging.getLogger("codescaler.ray")
 
 APP_NAME = "codescaler"
-DEPLOYMENT_NAME = "CodeScaler"
-#: Names the replica that answered; its value is the replica's Ray actor name
-#: (``SERVE_REPLICA::<app>#<deployment>#<id>``, namespace "serve"), so ``ray.get_actor`` finds it.
-REPLICA_HEADER = "x-codescaler-replica"
 #: Seconds a client is told to wait when Serve's own request queue is full (503, like the engine's).
 BACKPRESSURE_RETRY_AFTER_S = 1.0
-
-
-class RayOptions(BaseModel):
-    """The Ray-only knobs that Settings does not hold (builder args, ``--flags`` of the CLI)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    metrics_port: int = Field(
-        0, ge=0, le=65535,
-        description="First port of the per-replica Prometheus exporters: a replica serves its own "
-        "registry on metrics_port + its rank on the node. 0 = no exporters. The exporters check no key, "
-        "so with API keys they start only under metrics_public.",
-    )
-    replica_cpus: float = Field(
-        1.0, gt=0, description="CPUs Ray reserves per replica (also its torch threads on a CPU replica)."
-    )
 
 
 def split_args(args: Mapping[str, object]) -> tuple[Settings, RayOptions]:
@@ -127,126 +105,6 @@ def deployment_options(settings: Settings, num_gpus: float, replica_cpus: float)
     return options
 
 
-class ReplicaApp:
-    """ASGI wrapper of one replica's app: startup completes only when the model can score; headers name the replica.
-
-    Serve runs the app's lifespan when the replica starts and routes to the replica as soon
-    as that startup completes. create_app's lifespan loads the model in the background (so a
-    single process answers /health at once); here the startup is held until bring-up is
-    done, so no request ever meets a loading replica, and a model that cannot load fails
-    the replica (Serve retries it) instead of serving 503s forever.
-    """
-
-    def __init__(self, app: FastAPI, replica: str) -> None:
-        self.app = app
-        self.replica = replica.encode("latin-1")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Hold the lifespan startup; add the replica header to HTTP responses."""
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._held_startup(send))
-            return
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        # Serve's proxy adds x-request-id to the request (the app echoes it) and again to the
-        # response: drop the app's copy so the client sees the header once.
-        proxy_id = dict(scope.get("headers") or []).get(b"x-request-id")
-
-        async def send_named(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", [])
-                           if not (k.lower() == b"x-request-id" and v == proxy_id)]
-                message["headers"] = [*headers, (REPLICA_HEADER.encode(), self.replica)]
-            await send(message)
-
-        await self.app(scope, receive, send_named)
-
-    def _held_startup(self, send: Send) -> Send:
-        """Forward lifespan messages; hold startup.complete until the engine is up, or fail it."""
-
-        async def held(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                try:
-                    await wait_until_ready(self.app)
-                except Exception:  # noqa: BLE001 - the bring-up already logged the traceback
-                    message = {"type": "lifespan.startup.failed",
-                               "message": "the model could not be brought up; see the replica log"}
-            await send(message)
-
-        return held
-
-
-class _Exporter:
-    """This replica's registry on its own port, so Prometheus scrapes each replica (not a random one)."""
-
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self.port = port
-        self._server, self._thread = start_http_server(port, addr=host, registry=app.state.metrics.registry)
-
-    def close(self) -> None:
-        """Stop serving (the replica is going away)."""
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def start_exporter(app: FastAPI, settings: Settings, options: RayOptions, local_rank: int) -> _Exporter | None:
-    """The replica's exporter on metrics_port + local_rank, or None (off, private metrics, port taken).
-
-    The exporter checks no key, so with API keys it starts only when metrics_public is on
-    (the same rule as /metrics). A port in use must not keep the replica from serving.
-    """
-    if not options.metrics_port:
-        return None
-    if settings.api_keys() and not settings.metrics_public:
-        log.warning("no per-replica metrics exporter: API keys are set and metrics_public is off")
-        return None
-    port = options.metrics_port + local_rank
-    try:
-        return _Exporter(app, settings.host, port)
-    except OSError as exc:
-        log.warning("no per-replica metrics exporter on port %d (%s)", port, exc)
-        return None
-
-
-@serve.deployment(name=DEPLOYMENT_NAME)
-@serve.ingress()
-class CodeScalerReplica:
-    """One replica: its own app, engine, model and metrics registry."""
-
-    # Attribute names carry a prefix: Serve mixes this class with its own ASGI wrapper,
-    # which already owns names such as ``app``.
-    def __init__(self, settings: Settings, options: RayOptions) -> None:
-        for name in ("codescaler", "models"):
-            logging.getLogger(name).setLevel(settings.log_level.upper())
-        context = serve.get_replica_context()
-        self.codescaler_replica = context.replica_id.to_full_id_str()
-        self.codescaler_app = create_app(settings)
-        # Names the replica inside its own registry, so a scrape of an exporter says whose numbers they are.
-        Gauge("codescaler_replica_info", "The Ray Serve replica this registry belongs to (always 1).", ["replica"],
-              registry=self.codescaler_app.state.metrics.registry).labels(self.codescaler_replica).set(1)
-        self.codescaler_exporter = start_exporter(self.codescaler_app, settings, options, context.rank.local_rank)
-
-    def __serve_build_asgi_app__(self) -> ASGIApp:
-        """The app Serve runs for this replica (lifespan included)."""
-        return ReplicaApp(self.codescaler_app, self.codescaler_replica)
-
-    def check_health(self) -> None:
-        """Serve's periodic health check: what /ready says about the batch loop and model thread.
-
-        A replica whose model thread died or stuck past forward_timeout fails it and Serve
-        replaces the replica (after three failures in a row).
-        """
-        engine = self.codescaler_app.state.engine
-        if engine is None or not engine.healthy:
-            raise RuntimeError("the batch loop or the model thread is not healthy")
-
-    def __del__(self) -> None:
-        exporter = getattr(self, "codescaler_exporter", None)  # absent when __init__ failed
-        if exporter is not None:
-            exporter.close()
-
-
 def application(settings: Settings, options: RayOptions | None = None) -> Application:
     """The bound Serve application for ``settings`` (Ray connected or not; see resolve_num_gpus)."""
     options = options or RayOptions()
@@ -268,8 +126,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     Ctrl-C or SIGTERM the application is deleted (its replicas finish what they hold) and a
     Ray instance started here is stopped; a second signal ends the process at once.
     """
-    from service.__main__ import EXIT_BAD_CONFIG, add_settings_flags, check_keys_or_exit, parse_settings
-
     parser = argparse.ArgumentParser(prog="python -m service.ray_app",
                                      description="CodeScaler reward-model server on Ray Serve")
     add_settings_flags(parser)
@@ -282,13 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     address = values.pop("ray_address")
     ray_values = {k: values.pop(k) for k in list(values) if k in RayOptions.model_fields}
     settings = parse_settings(values)
-    try:
-        options = RayOptions(**ray_values)
-    except ValidationError as exc:
-        for err in exc.errors():
-            print(f"codescaler-serve: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = validated_or_exit(RayOptions, ray_values)
+    setup_logging(settings)
     check_keys_or_exit(settings)  # a bad key file fails here, not through replica retries
 
     ray.init(address=address, namespace="serve")

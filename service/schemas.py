@@ -11,8 +11,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
-def _no_lone_surrogates(value: str) -> str:
-    """A lone surrogate passes JSON parsing but crashes tokenizers: refuse it here (422)."""
+def check_unicode(value: str) -> str:
+    """``value`` if it is valid Unicode; a lone surrogate passes JSON parsing but crashes tokenizers.
+
+    The one check for every way text comes in: the API's models (a 422) and offline input lines.
+    """
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -20,7 +23,7 @@ def _no_lone_surrogates(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+Text = Annotated[str, AfterValidator(check_unicode)]
 ExtractionName = Literal["paper", "lenient", "none"]
 ShapingName = Literal["softplus", "none"]
 

@@ -1,4 +1,4 @@
-"""Validity-preserving reward shaping: raw model score plus validity -> reward.
+"""Validity-preserving reward shaping: raw model score plus validity -> reward, and rewards -> ranking.
 
 With ``softplus`` (the paper's) every valid program gets a reward > 0 and every
 invalid one exactly 0.0, so validity dominates and the model orders the valid ones.
@@ -7,6 +7,7 @@ invalid one exactly 0.0, so validity dominates and the model orders the valid on
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 SHAPING_POLICIES = ("softplus", "none")
 
@@ -45,3 +46,8 @@ def sigmoid(score: float) -> float:
         return 1.0 / (1.0 + math.exp(-score))
     z = math.exp(score)
     return z / (1.0 + z)
+
+
+def ranking(rewards: Sequence[float]) -> list[int]:
+    """Best-of-N order, the one rule of /v1/rank and ``codescaler-serve rank``: reward, highest first; ties by index."""
+    return sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))

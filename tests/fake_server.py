@@ -3,7 +3,7 @@
 In a thread, a test can reach into the scorer (gates, recorded batches) while talking
 to a real uvicorn over loopback. As a process (``python -m tests.fake_server [flags]``,
 started by ``start_process``) it runs exactly the CLI's server loop,
-``service.__main__.run_server``, so signal and drain tests cover the shipped code
+``service.cli.run_server``, so signal and drain tests cover the shipped code
 without loading a model. ``--fake-delay S`` makes every forward take S seconds; every
 other flag is a Settings flag.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import subprocess
 import sys
@@ -84,7 +83,7 @@ def start_process(module: str, args: Sequence[str], log: Path,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The CLI's server loop around a FaultScorer (no model, no torch)."""
-    from service.__main__ import add_settings_flags, parse_settings, run_server
+    from service.cli import add_settings_flags, parse_settings, run_server, setup_logging
     from service.app import create_app
 
     parser = argparse.ArgumentParser(prog="fake_server")
@@ -93,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     values = vars(parser.parse_args(argv))
     delay = values.pop("fake_delay")
     settings = parse_settings({"model": "fake", **values})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     scorer = FaultScorer()
     scorer.delay = delay
     run_server(create_app(settings, scorer), settings)

@@ -193,3 +193,4 @@ async def test_ready_health_models_and_metrics() -> None:
                  "codescaler_reward_bucket", "codescaler_tokens_total"):
         assert f"\n{name}" in text, name
     assert 'codescaler_requests_total{endpoint="/v1/score",status="200"} 1.0' in text
+    assert "_created" not in text  # counters and histograms export no creation-time series

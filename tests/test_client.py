@@ -1,5 +1,6 @@
-"""The Python client: retries (503 + Retry-After, 504, dropped connections), no retry on 4xx,
-chunking that keeps input order, the API key, and parity with the live tiny-model server.
+"""The installed client (codescaler_client): retries (503 + Retry-After, 502, 504, dropped
+connections), no retry on 4xx or 500, chunking that keeps input order, the API key, and
+parity with the live tiny-model server.
 
 Retry tests run against a real HTTP server on loopback (the standard library's, in a
 thread) that answers from a script, records each request's arrival time, and so proves
@@ -9,8 +10,6 @@ what the client did on the wire.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,14 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.client import (
-    AsyncCodeScalerClient,
-    CodeScalerClient,
-    CodeScalerError,
-    RetryPolicy,
-    ScoreItem,
-)
-from tests.helpers import ROOT
+from codescaler_client import AsyncCodeScalerClient, CodeScalerClient, CodeScalerError, RetryPolicy, ScoreItem
 
 FAST = RetryPolicy(max_retries=3, backoff=0.01, max_backoff=5.0)
 DROP = "drop"  # script step: close the connection without answering
@@ -102,13 +94,13 @@ def overloaded(retry_after: str | None) -> tuple[int, dict[str, str], dict[str, 
 ITEMS = [ScoreItem("p", "x" * n) for n in (1, 2, 3)]
 
 
-def test_importing_the_client_and_the_adapters_does_not_import_torch() -> None:
-    code = ("import sys, service.client, service.integrations.trl, service.integrations.verl, "
-            "service.integrations.openrlhf; "
-            "heavy = sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules); "
-            "print(heavy); sys.exit(1 if heavy else 0)")
-    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+async def score_with(url: str, items: list[ScoreItem], use_async: bool, policy: RetryPolicy = FAST) -> list[Any]:
+    """``score`` through the blocking or the asyncio client."""
+    if use_async:
+        async with AsyncCodeScalerClient(url, retry=policy) as aclient:
+            return await aclient.score(items)
+    with CodeScalerClient(url, retry=policy) as client:
+        return client.score(items)
 
 
 def test_503_is_retried_after_the_servers_retry_after(scripted: Scripted) -> None:
@@ -131,22 +123,19 @@ async def test_async_client_also_honours_retry_after(scripted: Scripted) -> None
     assert scripted.arrivals[1] - scripted.arrivals[0] >= 1.0
 
 
-def test_504_is_retried(scripted: Scripted) -> None:
-    scripted.steps = [(504, {}, {"error": {"code": "timeout", "message": "timed out in the queue"}})]
-    with CodeScalerClient(scripted.url, retry=FAST) as client:
-        assert [r.reward for r in client.score(ITEMS)] == [1.0, 2.0, 3.0]
+@pytest.mark.parametrize("use_async", [False, True])
+@pytest.mark.parametrize("status,code", [(504, "timeout"), (502, "bad_gateway")])
+async def test_504_and_502_are_retried(scripted: Scripted, status: int, code: str, use_async: bool) -> None:
+    scripted.steps = [(status, {}, {"error": {"code": code, "message": "try again"}})]
+    results = await score_with(scripted.url, ITEMS, use_async)
+    assert [r.reward for r in results] == [1.0, 2.0, 3.0]
     assert len(scripted.arrivals) == 2
 
 
 @pytest.mark.parametrize("use_async", [False, True])
 async def test_a_dropped_connection_is_retried(scripted: Scripted, use_async: bool) -> None:
     scripted.steps = [DROP, DROP]
-    if use_async:
-        async with AsyncCodeScalerClient(scripted.url, retry=FAST) as aclient:
-            results = await aclient.score(ITEMS)
-    else:
-        with CodeScalerClient(scripted.url, retry=FAST) as client:
-            results = client.score(ITEMS)
+    results = await score_with(scripted.url, ITEMS, use_async)
     assert [r.reward for r in results] == [1.0, 2.0, 3.0]
     assert len(scripted.arrivals) == 3
 
@@ -170,21 +159,40 @@ def test_a_refused_connection_is_retried_then_reported() -> None:
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("status,code", [(422, "invalid_request"), (401, "unauthorized"), (413, "payload_too_large")])
-def test_client_errors_are_not_retried(scripted: Scripted, status: int, code: str) -> None:
-    scripted.steps = [(status, {}, {"error": {"code": code, "message": "no"}})]
-    with CodeScalerClient(scripted.url, retry=FAST) as client, pytest.raises(CodeScalerError) as caught:
-        client.score(ITEMS)
+@pytest.mark.parametrize("use_async", [False, True])
+@pytest.mark.parametrize("status,code", [(422, "invalid_request"), (401, "unauthorized"), (413, "payload_too_large"),
+                                         (500, "internal_error")])
+async def test_client_errors_and_500_are_not_retried(scripted: Scripted, status: int, code: str,
+                                                     use_async: bool) -> None:
+    # Retry-After on a final status must not turn it into a retry.
+    scripted.steps = [(status, {"Retry-After": "0"}, {"error": {"code": code, "message": "no"}})]
+    with pytest.raises(CodeScalerError) as caught:
+        await score_with(scripted.url, ITEMS, use_async)
     assert (caught.value.status, caught.value.code) == (status, code)
     assert len(scripted.arrivals) == 1
 
 
-def test_retries_stop_after_max_retries(scripted: Scripted) -> None:
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_retries_stop_after_max_retries(scripted: Scripted, use_async: bool) -> None:
     scripted.default = lambda body: overloaded("0")
-    with CodeScalerClient(scripted.url, retry=FAST) as client, pytest.raises(CodeScalerError) as caught:
-        client.score(ITEMS)
-    assert caught.value.status == 503 and caught.value.code == "overloaded"
+    with pytest.raises(CodeScalerError) as caught:
+        await score_with(scripted.url, ITEMS, use_async)
+    assert caught.value.status == 503 and caught.value.code == "overloaded" and caught.value.retry_after == 0.0
     assert len(scripted.arrivals) == FAST.max_retries + 1
+
+
+@pytest.mark.parametrize("attempt,retry_after,low,high", [
+    (0, None, 0.5, 1.0),     # backoff * 2**0, jittered down to half
+    (2, None, 2.0, 4.0),     # doubles per attempt
+    (5, None, 5.0, 10.0),    # 32 s capped at max_backoff before the jitter
+    (0, 3.0, 3.0, 3.0),      # Retry-After above the back-off wins
+    (0, 60.0, 10.0, 10.0),   # ...but never beyond max_backoff
+])
+def test_the_wait_doubles_honours_retry_after_and_is_capped(attempt: int, retry_after: float | None,
+                                                            low: float, high: float) -> None:
+    policy = RetryPolicy(backoff=1.0, max_backoff=10.0)
+    waits = [policy.delay(attempt, retry_after) for _ in range(50)]
+    assert all(low <= w <= high for w in waits)
 
 
 def test_chunks_run_concurrently_and_results_keep_input_order(scripted: Scripted) -> None:

@@ -1,5 +1,5 @@
-"""Each trainer adapter, loaded and called the way its framework does, against the live
-tiny-model server: its rewards equal what POST /v1/score gives for the same pairs.
+"""Each trainer adapter of the installed client package, loaded and called the way its
+framework does, against the live tiny-model server: its rewards equal what POST /v1/score gives for the same pairs.
 
 The argument shapes follow the frameworks' own call sites: OpenRLHF loads the file with
 ``spec_from_file_location`` and calls ``reward_func(queries, prompts, labels)`` with the
@@ -22,7 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.integrations.trl import CodeScalerReward
+import codescaler_client.integrations
+from codescaler_client.integrations.trl import CodeScalerReward
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ RESPONSES = [
     "```python\ndef rev(s:\n    return s\n```",
 ]
 PAIRS = [(p, r) for p in PROBLEMS for r in RESPONSES]
-INTEGRATIONS = Path(__file__).resolve().parent.parent / "service" / "integrations"
+INTEGRATIONS = Path(codescaler_client.integrations.__file__).parent  # the files a trainer is pointed at
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_verl_compute_score_batch_with_reward_kwargs(live_server: str, expected:
 
 
 def test_verl_without_a_problem_raises_and_says_where_to_put_it(service_env: str) -> None:
-    from service.integrations.verl import compute_score
+    from codescaler_client.integrations.verl import compute_score
 
     with pytest.raises(ValueError, match="extra_info"):
         compute_score("codescaler", RESPONSES[0], "", {"split": "train", "index": 0})

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.__main__ import check_keys_or_exit
+from service.cli import check_keys_or_exit
 from service.app import create_app
 from service.settings import Settings
 from tests.fake_server import serve_in_thread

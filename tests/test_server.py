@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.__main__ import add_settings_flags
+from service.cli import add_settings_flags
 from tests.helpers import ROOT, start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def test_limits_that_cannot_hold_one_item_are_refused_at_start() -> None:
 def test_cli_beats_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from service.__main__ import parse_settings
+    from service.cli import parse_settings
 
     parser = argparse.ArgumentParser()
     add_settings_flags(parser)

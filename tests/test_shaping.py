@@ -1,4 +1,4 @@
-"""Validity-preserving shaping: properties over all finite scores (fast tier, no torch)."""
+"""Validity-preserving shaping and the ranking rule: properties over all finite scores (fast tier, no torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.shaping import shape, sigmoid, softplus
+from service.shaping import ranking, shape, sigmoid, softplus
 
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False)
 
@@ -63,3 +63,13 @@ def test_sigmoid_is_stable(score: float) -> None:
     value = sigmoid(score)
     assert 0.0 <= value <= 1.0
     assert sigmoid(0.0) == 0.5
+
+
+@pytest.mark.parametrize("rewards,expected", [
+    ([0.0, 2.5, 1.0], [1, 2, 0]),          # highest first
+    ([1.0, 0.0, 1.0, 1.0], [0, 2, 3, 1]),  # ties keep the lower index first
+    ([0.0, 0.0], [0, 1]),                  # all invalid: input order
+    ([7.0], [0]),
+])
+def test_ranking_is_by_reward_then_index(rewards: list[float], expected: list[int]) -> None:
+    assert ranking(rewards) == expected

@@ -1,7 +1,7 @@
 """Trainer adapters (OpenRLHF, veRL, TRL): each turns a framework's call into a client request.
 
 The adapters only find the problem and the response in the arguments their framework
-passes and ask the service through ``service.client``; they never import torch at import
+passes and ask the service through ``codescaler_client``; they never import torch at import
 time and hold no model. Frameworks call plain functions, so the connection (URL and key
 from ``CODESCALER_URL`` and ``CODESCALER_API_KEY``, read on first use) is shared per
 process here rather than opened per call.
@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from service.client import KEY_ENV, URL_ENV, AsyncCodeScalerClient, CodeScalerClient
+from codescaler_client.client import KEY_ENV, URL_ENV, AsyncCodeScalerClient, CodeScalerClient
 
 _lock = threading.Lock()
 _clients: dict[tuple[str | None, str | None], CodeScalerClient] = {}

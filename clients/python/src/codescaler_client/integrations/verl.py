@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from service.client import ScoreItem, ScoreResult
-from service.integrations import last_message, shared_async_client, shared_client
+from codescaler_client import ScoreItem, ScoreResult
+from codescaler_client.integrations import last_message, shared_async_client, shared_client
 
 PROBLEM_KEYS = ("prompt", "question", "problem")
 

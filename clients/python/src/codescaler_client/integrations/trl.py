@@ -12,7 +12,7 @@ and expects one float per completion. Both dataset formats are handled:
 A ``language`` dataset column, when present, sets each sample's language. TRL logs a
 reward function under its ``__name__``, which a plain instance lacks; this class sets
 it (``name``, default ``codescaler``). The URL and key default to ``CODESCALER_URL`` and
-``CODESCALER_API_KEY``; other keywords go to :class:`service.client.CodeScalerClient`.
+``CODESCALER_API_KEY``; other keywords go to :class:`codescaler_client.CodeScalerClient`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from service.client import CodeScalerClient, ScoreItem
-from service.integrations import last_message, message_text
+from codescaler_client import CodeScalerClient, ScoreItem
+from codescaler_client.integrations import last_message, message_text
 
 
 def _problem(prompt: Any) -> str:

@@ -1,6 +1,6 @@
 """OpenRLHF reward-function file: pass this file's path where OpenRLHF takes a reward URL.
 
-``--remote_rm_url /path/to/service/integrations/openrlhf.py`` (``--reward.remote_url`` in
+``--remote_rm_url /path/to/codescaler_client/integrations/openrlhf.py`` (``--reward.remote_url`` in
 newer releases). OpenRLHF loads the file and calls ``reward_func(queries, prompts,
 labels)``: one sample per call from a worker thread in recent releases, a micro-batch
 in older ones. Each query is the decoded prompt plus response with special tokens kept
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from service.integrations import shared_client
+from codescaler_client.integrations import shared_client
 
 
 def reward_func(queries: Sequence[str], prompts: Sequence[str] | None = None,
