@@ -1,9 +1,12 @@
-"""CLI entry point ``codescaler-serve``: parse settings once, load the model, build the app, serve.
+"""CLI entry point ``codescaler-serve``: parse settings once, build the app, bind, then load the model.
 
 Every Settings field is a ``--kebab-case`` flag and a ``CODESCALER_<FIELD>`` variable
 (CLI > env > default). ``codescaler-serve score|rank ...`` scores files offline.
-A model that cannot be loaded, or a bad setting or key file, ends the process at
-once with exit code 2. SIGTERM (or Ctrl-C) drains gracefully and exits 0.
+The port is bound before the model loads, so /health answers 200 (status ``loading``)
+and /ready 503 during a long download. A bad setting or key file ends the process at
+once with exit code 2, a model that cannot be loaded as soon as that is known (also 2).
+SIGTERM (or Ctrl-C) drains gracefully and exits 0, or 3 when a forward stuck on the
+device outlives the drain (service/cli.py).
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from service.cli import (add_settings_flags, check_keys_or_exit, load_or_exit, parse_settings, run_server,
-                         setup_logging)
+from service.cli import add_settings_flags, check_keys_or_exit, parse_settings, run_server, setup_logging
 
 
 def serve(argv: Sequence[str]) -> None:
@@ -25,8 +27,7 @@ def serve(argv: Sequence[str]) -> None:
     settings = parse_settings(vars(parser.parse_args(argv)))
     setup_logging(settings)
     check_keys_or_exit(settings)
-    scorer = load_or_exit(settings)
-    run_server(create_app(settings, scorer), settings)
+    run_server(create_app(settings), settings)  # the lifespan loads the model after the bind
 
 
 def main(argv: Sequence[str] | None = None) -> None:

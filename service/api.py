@@ -42,7 +42,7 @@ def engine_of(request: Request) -> Engine:
     """The app's engine; 503 while the model is still loading."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
-        raise NotReady("the model is still loading")
+        raise NotReady("the model is still loading", headers={"Retry-After": "5"})
     return engine
 
 
@@ -170,8 +170,11 @@ async def models(request: Request) -> dict[str, object]:
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """The process is alive (says nothing about the model)."""
+async def health(request: Request) -> dict[str, str]:
+    """The process is alive: 200 while the model loads (``loading``) and after (``ok``); see /ready."""
+    state = request.app.state
+    if getattr(state, "engine", None) is None and getattr(state, "load_error", None) is None:
+        return {"status": "loading"}
     return {"status": "ok"}
 
 

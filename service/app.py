@@ -1,8 +1,8 @@
 """The app factory: create_app(settings, scorer=None) wires routes, middleware and lifespan.
 
 The lifespan loads (unless a scorer is given), warms up and starts the engine in
-the background, so /health answers at once and /ready turns 200 only when the
-model can really score. No globals: every app has its own state and registry.
+the background, so /health answers at once (status ``loading``) and /ready turns
+200 only when the model can really score. No globals: every app has its own state and registry.
 ``drain`` is the app's side of a graceful shutdown (the CLI calls it on SIGTERM).
 """
 
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
-from models.base import Scorer
+from models.base import ModelLoadError, Scorer
 from service import api, compat
 from service.auth import KeyCheck, key_digests, load_keys, require_key, require_metrics_key
 from service.engine import Engine
@@ -45,14 +46,46 @@ async def _bring_up(app: FastAPI, settings: Settings, scorer: Scorer | None, met
     """Load, warm up and start; the engine appears on app.state only when it can score."""
     try:
         if scorer is None:
-            scorer = await asyncio.to_thread(load_scorer, settings)
+            log.info("loading %s (the port is bound: /health says loading, /ready 503)", settings.model)
+            scorer = await _in_daemon_thread(load_scorer, settings)
         engine = Engine(scorer, settings, metrics)
         await engine.start()
         app.state.engine = engine
         log.info("ready: %s", scorer.name)
+    except ModelLoadError as exc:  # a known reason, in one line
+        app.state.load_error = exc
+        log.error("the model could not be loaded: %s", exc)
     except Exception as exc:  # noqa: BLE001 - reported by /ready and the log, never to clients
         app.state.load_error = exc
         log.exception("the model could not be brought up")
+
+
+async def _in_daemon_thread(load: Callable[[Settings], Scorer], settings: Settings) -> Scorer:
+    """``load(settings)`` on a daemon thread: a SIGTERM during a long download must not wait for it
+    (asyncio.to_thread's threads are joined when the event loop closes)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Scorer] = loop.create_future()
+
+    def deliver(result: Scorer | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = load(settings), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(deliver, result, error)
+        except RuntimeError:  # the loop has closed: the server is gone
+            pass
+
+    threading.Thread(target=work, name="codescaler-load", daemon=True).start()
+    return await done
 
 
 def create_app(

@@ -11,7 +11,10 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
+import threading
+import time
 import typing
 from types import FrameType
 from typing import TYPE_CHECKING, TypeVar
@@ -27,6 +30,10 @@ if TYPE_CHECKING:
     from models.base import Scorer
 
 EXIT_BAD_CONFIG = 2
+#: The drain ended but a model thread is still stuck in a forward: the process ends anyway.
+EXIT_STUCK_MODEL = 3
+#: Seconds the worker threads get to finish after the server has shut down.
+THREAD_GRACE_S = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The loggers of this project; their level is set even where the root logger is someone else's (Ray).
 OWN_LOGGERS = ("codescaler", "models")
@@ -81,9 +88,13 @@ def load_or_exit(settings: Settings) -> Scorer:
     try:
         return load_scorer(settings)
     except ModelLoadError as exc:
-        print(f"codescaler-serve: cannot load {exc}; to try the service without it, use --model tiny-random",
-              file=sys.stderr)
+        print(load_failure(exc), file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+
+
+def load_failure(exc: BaseException) -> str:
+    """The one line that says why the model could not be loaded."""
+    return f"codescaler-serve: cannot load {exc}; to try the service without it, use --model tiny-random"
 
 
 def check_keys_or_exit(settings: Settings) -> None:
@@ -117,6 +128,8 @@ class DrainingServer(uvicorn.Server):
     -15). Here the first SIGTERM or SIGINT starts ``app.drain``; when it returns,
     uvicorn shuts down as usual (finishing responses in progress) and the process
     exits normally. A second signal skips the rest of the drain; a third forces exit.
+    The model loads after the port is bound (``create_app`` without a scorer): a load
+    that fails ends the server with ``exit_code`` 2 and one line on stderr.
     """
 
     def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
@@ -125,6 +138,7 @@ class DrainingServer(uvicorn.Server):
         self.settings = settings
         self.signals = 0
         self.drain_task: asyncio.Task[None] | None = None
+        self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Runs in the signal handler: flip readiness now, start the drain on the next tick.
@@ -139,7 +153,12 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
 
     async def on_tick(self, counter: int) -> bool:
-        """uvicorn's 0.1 s tick: start the drain after a signal; exit once it is done."""
+        """uvicorn's 0.1 s tick: exit when the load failed; start the drain after a signal; exit once done."""
+        error = getattr(self.app.state, "load_error", None)
+        if error is not None and not self.exit_code:
+            print(load_failure(error), file=sys.stderr)
+            self.exit_code = EXIT_BAD_CONFIG
+            self.should_exit = True
         if self.signals and self.drain_task is None:
             from service.app import drain
 
@@ -151,7 +170,31 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(app: FastAPI, settings: Settings) -> None:
-    """Serve ``app`` until a signal has drained it (shared by the CLI and the test servers)."""
+    """Serve ``app`` until a signal has drained it (shared by the CLI and the test servers).
+
+    Exit codes: 0 after a drain; 2 when the model could not be loaded; 3
+    (EXIT_STUCK_MODEL) when, after the drain, a worker thread (a forward stuck on the
+    device) is still running ``THREAD_GRACE_S`` later: its threads cannot be interrupted
+    and would otherwise keep the process alive for ever.
+    """
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_keep_alive=75)
-    DrainingServer(config, app, settings).run()
+    server = DrainingServer(config, app, settings)
+    server.run()
+    stuck = _threads_still_running(THREAD_GRACE_S)
+    if stuck:
+        log.error("exiting with code %d: %s still running after the drain (a forward stuck on the device?)",
+                  EXIT_STUCK_MODEL, ", ".join(stuck))
+        logging.shutdown()
+        os._exit(EXIT_STUCK_MODEL)  # sys.exit would wait for those threads at interpreter exit
+    if server.exit_code:
+        sys.exit(server.exit_code)
+
+
+def _threads_still_running(grace: float) -> list[str]:
+    """Names of non-daemon threads other than this one still alive after ``grace`` seconds."""
+    give_up = time.monotonic() + grace
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    for thread in others:
+        thread.join(max(0.0, give_up - time.monotonic()))
+    return [t.name for t in others if t.is_alive()]

@@ -88,14 +88,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="fake_server")
     parser.add_argument("--fake-delay", type=float, default=0.0)
+    parser.add_argument("--fake-load-until", type=Path, default=None,
+                        help="load the scorer through the app's lifespan, done once this file exists")
     add_settings_flags(parser)
     values = vars(parser.parse_args(argv))
     delay = values.pop("fake_delay")
+    load_until: Path | None = values.pop("fake_load_until")
     settings = parse_settings({"model": "fake", **values})
     setup_logging(settings)
     scorer = FaultScorer()
     scorer.delay = delay
-    run_server(create_app(settings, scorer), settings)
+    if load_until is None:
+        run_server(create_app(settings, scorer), settings)
+        return
+    from service import app as app_module
+
+    def slow_load(_settings: object) -> FaultScorer:
+        while not load_until.exists():  # a model download that ends when the test says so
+            time.sleep(0.02)
+        return scorer
+
+    app_module.load_scorer = slow_load  # type: ignore[assignment]
+    run_server(create_app(settings), settings)  # as the CLI does: bind first, load in the lifespan
 
 
 if __name__ == "__main__":
