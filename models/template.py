@@ -36,7 +36,8 @@ CODE_SLOT = "@@CODESCALER_CODE@@"
 #: Spelled as ordinary text even where a tokenizer does not list them as added tokens.
 THINK_TAGS = ("<think>", "</think>")
 #: Distinct problems kept tokenized; a rank request or a GRPO group shares one entry.
-PROBLEM_CACHE_SIZE = 32
+#: Small on purpose: an entry can hold a 400k-character problem and its ~100k ids (~4 MB).
+PROBLEM_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +84,16 @@ class ChatLayout:
         self.plain = _plain_tokenizer(tokenizer)
         added = sorted(set(tokenizer.get_added_vocab()), key=len, reverse=True)
         self.control = re.compile("|".join(re.escape(token) for token in added))
-        self.forgeries = re.compile("|".join(re.escape(t) for t in sorted({*added, *THINK_TAGS}, key=len, reverse=True)))
+        forgeable = sorted({*added, *THINK_TAGS}, key=len, reverse=True)
+        self.forgeries = re.compile("|".join(re.escape(token) for token in forgeable))
         text = self._render(PROBLEM_SLOT, CODE_SLOT)
         head, rest = text.split(PROBLEM_SLOT)
         middle, tail = rest.split(CODE_SLOT)
         # The text before the first and after the last control token of the whole render
         # stands alone (nothing lies beyond it), so it belongs to the head's and tail's ids.
-        self.head, self.middle, self.tail = self._piece(head, first=True), self._piece(middle), self._piece(tail, last=True)
+        self.head = self._piece(head, first=True)
+        self.middle = self._piece(middle)
+        self.tail = self._piece(tail, last=True)
         if not self.head.ids or not self.middle.ids or not self.tail.ids:
             raise ValueError("the chat template does not separate the problem and the code by control tokens")
         self.before_problem, self.after_problem = head, middle + CODE_SLOT + tail
@@ -103,6 +107,7 @@ class ChatLayout:
         self._lock = threading.Lock()
 
     def _render(self, problem: str, code: str) -> str:
+        """The authors' rendering: user then assistant, no system message."""
         chat = [{"role": "user", "content": problem}, {"role": "assistant", "content": code}]
         return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
 
@@ -136,7 +141,9 @@ class ChatLayout:
         return text[len(before) : len(text) - len(after)]
 
     def _encode_plain(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        self.tokenized_chars += len(text)  # not exact under threads; a cost gauge, not an account
+        """Ids and character offsets of ``text`` with no added tokens recognised."""
+        with self._lock:  # preparation threads share the count
+            self.tokenized_chars += len(text)
         encoding = self.plain.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
@@ -165,6 +172,7 @@ class ChatLayout:
         return future.result()
 
     def _tokenize_problem(self, problem: str, max_length: int) -> _Problem:
+        """The problem's span (with the template text around it), its middle cut first if it cannot fit."""
         forged = self.forged(problem)
         placed = self._as_placed(problem, problem=True)
         cap = max_length * self.max_token_chars

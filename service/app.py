@@ -123,7 +123,8 @@ def create_app(
                            allow_headers=["Authorization", "Content-Type"])
     # Added innermost first: Observe -> KeyCheck -> ActiveLimit -> BodyLimit -> (CORS) -> routes.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
-    app.add_middleware(ActiveLimitMiddleware, limit=settings.max_active_requests, exempt=frozenset({"/health", "/ready"}))
+    app.add_middleware(ActiveLimitMiddleware, limit=settings.max_active_requests,
+                       exempt=frozenset({"/health", "/ready"}))
     app.add_middleware(KeyCheck, digests=app.state.key_digests, protected=_keyed_paths(settings))
     endpoints = {path for router in (api.router, compat.router) for route in router.routes
                  if isinstance(path := getattr(route, "path", None), str)}
