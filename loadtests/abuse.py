@@ -2,16 +2,16 @@
 
 1. Start ``codescaler-serve`` (``--server-args``, default the tiny random model with a
    small queue) on a free loopback port.
-2. Cost per byte: for each route, hostile bodies built to be expensive (the longest
-   fields, rank's problem x responses, control-token spam, deep fences, dense code,
-   OpenRLHF queries full of end tokens). Each is sent alone; the server's CPU time
-   (utime + stime of its process, /proc/<pid>/stat) before and after, over the body's
-   bytes, is its cost. The report keeps the worst body per route.
-3. Flood: ten times the queue capacity (``--max-queue-items`` of the server) in items,
+2. Flood (first, on the fresh server): ten times the queue capacity (``--max-queue-items`` of the server) in items,
    in requests of ``--flood-request-items`` at once; the server's peak resident memory,
    the answers by status, and their latency. (Thousands of simultaneous connects would
    overflow the kernel's SYN backlog and time TCP's retransmits instead of the server.)
 
+3. Cost per byte: for each route, hostile bodies built to be expensive (the longest
+   fields, rank's problem x responses, control-token spam, deep fences, dense code,
+   OpenRLHF queries full of end tokens). Each is sent alone; the server's CPU time
+   (utime + stime of its process, /proc/<pid>/stat) before and after, over the body's
+   bytes, is its cost. The report keeps the worst body per route.
 Figures only, no thresholds: the README records them.
 
     python loadtests/abuse.py --out loadtests/results/abuse.json
@@ -166,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(tempfile.mkstemp(prefix="abuse-", suffix=".log")[1])
     proc, url = start_server(shlex.split(args.server_args), log)
     try:
-        figures = {"server_args": args.server_args, "cpu_count": os.cpu_count(),
-                   "cost_per_byte": cost_per_byte(url, proc.pid, args.rounds)}
+        # The flood first, on a fresh server: its memory figure is not hidden by the peaks of
+        # the huge bodies that follow.
         requests = 10 * args.queue_items // args.flood_request_items
-        figures["flood"] = asyncio.run(flood(url, proc.pid, requests, args.flood_request_items))
-        print(json.dumps(figures["flood"], indent=2))
+        figures: dict[str, object] = {"server_args": args.server_args, "cpu_count": os.cpu_count(),
+                                      "flood": asyncio.run(flood(url, proc.pid, requests, args.flood_request_items))}
+        print(json.dumps(figures["flood"], indent=2), flush=True)
+        figures["cost_per_byte"] = cost_per_byte(url, proc.pid, args.rounds)
     finally:
         proc.terminate()
         proc.wait(timeout=120)

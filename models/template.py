@@ -35,6 +35,10 @@ PROBLEM_SLOT = "@@CODESCALER_PROBLEM@@"
 CODE_SLOT = "@@CODESCALER_CODE@@"
 #: Spelled as ordinary text even where a tokenizer does not list them as added tokens.
 THINK_TAGS = ("<think>", "</think>")
+#: Code longer than this many characters per token of room is first tokenized in part: if
+#: a prefix already needs more tokens than there is room for, the code is too long, and the
+#: rest is never tokenized (real code averages 3-4 characters a token).
+PROBE_CHARS_PER_TOKEN = 4
 #: Distinct problems kept tokenized; a rank request or a GRPO group shares one entry.
 #: Small on purpose: an entry can hold a 400k-character problem and its ~100k ids (~4 MB).
 PROBLEM_CACHE_SIZE = 8
@@ -192,8 +196,12 @@ class ChatLayout:
             raise TooLong(f"the code has more characters than max_length={max_length} tokens can spell")
         part = self._problem(problem, max_length)
         forged = self.forged(code)
-        code_ids, _ = self._encode_plain(self.middle.trail + self._as_placed(code, problem=False) + self.tail.lead)
-        fixed = len(self.head.ids) + len(self.middle.ids) + len(code_ids) + len(self.tail.ids)
+        placed = self._as_placed(code, problem=False)
+        fixed = len(self.head.ids) + len(self.middle.ids) + len(self.tail.ids)
+        room = max_length - fixed - (len(part.ids) - len(part.inside))  # the code's share, problem cut away
+        self._probe(placed, room, max_length)
+        code_ids, _ = self._encode_plain(self.middle.trail + placed + self.tail.lead)
+        fixed += len(code_ids)
         problem_ids = list(part.ids)
         truncated = part.truncated
         excess = fixed + len(problem_ids) - max_length
@@ -206,3 +214,22 @@ class ChatLayout:
             truncated = True
         ids = [*self.head.ids, *problem_ids, *self.middle.ids, *code_ids, *self.tail.ids]
         return Encoded(ids, truncated, forged or part.forged)
+
+    def _probe(self, code: str, room: int, max_length: int) -> None:
+        """TooLong when a prefix of ``code`` alone needs more than ``room`` tokens.
+
+        The prefix ends after a newline followed by a non-space character: no pre-token of
+        the tokenizer spans that point (its patterns end a match at a newline before such a
+        character), so the prefix's ids are the first ids of the whole and never more.
+        """
+        limit = PROBE_CHARS_PER_TOKEN * max(room, 1)
+        if len(code) <= limit:
+            return
+        cut = code.rfind("\n", 0, limit)
+        while cut > 0 and code[cut + 1].isspace():
+            cut = code.rfind("\n", 0, cut)
+        if cut <= 0:
+            return
+        ids, _ = self._encode_plain(self.middle.trail + code[: cut + 1])
+        if len(ids) > room:
+            raise TooLong(f"the code needs more than max_length={max_length} tokens")

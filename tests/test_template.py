@@ -106,6 +106,17 @@ def test_characters_are_capped_before_the_tokenizer(tiny_dir: Path) -> None:
     with pytest.raises(TooLong):
         scorer.encode("p", "x = 1\n" * cap)
     assert layout.tokenized_chars == before  # refused without tokenizing
+    before = layout.tokenized_chars
+    with pytest.raises(TooLong):
+        scorer.encode("p", "x = 1\n" * 3000)  # under the cap: a prefix shows it cannot fit
+    assert layout.tokenized_chars - before < 64 * 4 + 10
+
+
+def test_the_prefix_probe_never_refuses_code_that_fits(tiny_dir: Path) -> None:
+    scorer = HFScorer(str(tiny_dir), device="cpu", dtype="float32", max_length=256)
+    long_tokens = "\n".join("x = '" + "=" * 120 + "'" for _ in range(10))  # ~10 tokens a line of 126 characters
+    item = scorer.encode("p", long_tokens)
+    assert len(long_tokens) > 4 * 256 and item.length <= 256 and not item.truncated
 
 
 @pytest.mark.slow
