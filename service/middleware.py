@@ -94,10 +94,25 @@ class ActiveLimitMiddleware:
                                               headers={"Retry-After": "1"}))
             return
         self.active += 1
+        counted = True
+
+        def release() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.active -= 1
+
+        async def send_and_release(message: Message) -> None:
+            # Released before the last byte goes out: once a client has its answer, its
+            # request no longer counts (its next request on the connection must not race it).
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_and_release)
         finally:
-            self.active -= 1
+            release()
 
 
 class BodyLimitMiddleware:

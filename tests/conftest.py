@@ -12,6 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def fault_scorer():  # type: ignore[no-untyped-def]
+    """A FaultScorer whose gate is opened at the end, so no model thread outlives its test."""
+    from tests.fault_scorers import FaultScorer
+
+    scorer = FaultScorer()
+    yield scorer
+    scorer.gate.set()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked gpu on machines without CUDA (they never gate CI)."""
     try:

@@ -4,8 +4,9 @@ the bound on active requests, and a flood refused before any work while admitted
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
-from collections.abc import Iterator
+import time
 
 import httpx
 import pytest
@@ -24,16 +25,9 @@ KEY = "s3cret-key"
 PATIENCE_S = 30
 
 
-@pytest.fixture
-def scorer() -> Iterator[FaultScorer]:
-    fault_scorer = FaultScorer()
-    yield fault_scorer
-    fault_scorer.gate.set()
-
-
-def app_for(scorer: FaultScorer, **overrides: object):  # type: ignore[no-untyped-def]
+def app_for(fault_scorer: FaultScorer, **overrides: object):  # type: ignore[no-untyped-def]
     settings = {"model": "fake", "api_key": [KEY], "body_read_timeout": 600.0, **overrides}
-    return create_app(Settings(**settings), scorer)  # type: ignore[arg-type]
+    return create_app(Settings(**settings), fault_scorer)  # type: ignore[arg-type]
 
 
 def connect(url: str) -> socket.socket:
@@ -57,9 +51,9 @@ def headers(path: str, extra: str) -> bytes:
 
 @pytest.mark.parametrize("auth", ["Authorization: Bearer wrong\r\n", ""], ids=["wrong-key", "no-key"])
 @pytest.mark.parametrize("framing", ["sized", "chunked"])
-def test_no_valid_key_gets_401_from_the_headers_before_the_body(scorer: FaultScorer, auth: str,
+def test_no_valid_key_gets_401_from_the_headers_before_the_body(fault_scorer: FaultScorer, auth: str,
                                                                  framing: str) -> None:
-    with serve_in_thread(app_for(scorer)) as url, connect(url) as sock:
+    with serve_in_thread(app_for(fault_scorer)) as url, connect(url) as sock:
         if framing == "sized":
             sock.sendall(headers("/v1/score", f"{auth}Content-Length: 30000000\r\n") + b"{" + b" " * 1023)
         else:
@@ -69,29 +63,38 @@ def test_no_valid_key_gets_401_from_the_headers_before_the_body(scorer: FaultSco
     assert status == 401
     assert b"www-authenticate: Bearer" in answer.lower().replace(b"bearer", b"Bearer")
     assert b"connection: close" in answer.lower()
-    assert scorer.encoded == 0
+    assert fault_scorer.encoded == 0
 
 
-def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_freed(scorer: FaultScorer) -> None:
-    with serve_in_thread(app_for(scorer, body_read_timeout=0.5)) as url, connect(url) as sock:
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_freed(fault_scorer: FaultScorer) -> None:
+    with serve_in_thread(app_for(fault_scorer, body_read_timeout=0.5)) as url, connect(url) as sock:
         sock.sendall(headers("/v1/score", f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n") + b'{"items"')
         status, answer = read_answer(sock)  # returns only because the server closed the connection
     assert status == 408 and b"request_timeout" in answer
 
 
-def test_the_active_request_bound_ignores_idle_keepalive_connections(scorer: FaultScorer) -> None:
+def test_the_active_request_bound_ignores_idle_keepalive_connections(fault_scorer: FaultScorer) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
     body = {"items": [{"problem": "p", "response": CODE}]}
-    with serve_in_thread(app_for(scorer, max_active_requests=2)) as url:
+    slow_head = headers("/v1/score", f"Authorization: Bearer {KEY}\r\nContent-Length: 500\r\n")
+    with serve_in_thread(app_for(fault_scorer, max_active_requests=2)) as url:
         idle = [connect(url) for _ in range(8)]  # connected, no request: a pool's idle connections
         with httpx.Client(base_url=url, timeout=PATIENCE_S) as pool:
             assert pool.post("/v1/score", json=body, headers=auth).status_code == 200  # now idle keep-alive
             assert pool.post("/v1/score", json=body, headers=auth).status_code == 200
-            slow = [connect(url) for _ in range(2)]  # two requests whose bodies are still arriving
-            for sock in slow:
-                sock.sendall(headers("/v1/score", f"Authorization: Bearer {KEY}\r\nContent-Length: 500\r\n"))
-            refused = _until(lambda: pool.post("/v1/score", json=body, headers=auth),
-                             lambda r: r.status_code == 503)
+            slow: list[socket.socket] = []  # two requests whose bodies are still arriving
+            for _ in range(100):
+                # A slow request that lost the race for a slot to the previous probe was answered
+                # 503 at once: replace it. A probe refused proves both slow requests hold a slot
+                # (only they and the probe can be in progress).
+                slow = [sock for sock in slow if not select.select([sock], [], [], 0)[0]]
+                while len(slow) < 2:
+                    slow.append(connect(url))
+                    slow[-1].sendall(slow_head)
+                refused = pool.post("/v1/score", json=body, headers=auth)
+                if refused.status_code == 503:
+                    break
+            assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "overloaded"
             assert pool.get("/health").status_code == 200 and pool.get("/ready").status_code == 200
             for sock in slow:
@@ -103,9 +106,7 @@ def test_the_active_request_bound_ignores_idle_keepalive_connections(scorer: Fau
 
 
 def _until(call, done, attempts: int = 500):  # type: ignore[no-untyped-def]
-    """Call until ``done(result)``; the server notices sockets asynchronously."""
-    import time
-
+    """Call until ``done(result)``; the server notices closed sockets asynchronously."""
     for _ in range(attempts):
         result = call()
         if done(result):
@@ -114,12 +115,12 @@ def _until(call, done, attempts: int = 500):  # type: ignore[no-untyped-def]
     raise AssertionError(f"never reached; last answer {result.status_code}")
 
 
-def test_a_flood_gets_503_before_any_work_while_admitted_work_completes(scorer: FaultScorer) -> None:
+def test_a_flood_gets_503_before_any_work_while_admitted_work_completes(fault_scorer: FaultScorer) -> None:
     """Ten times the queue capacity at once: the admitted requests (and the one seated) are
     answered 200 once the model runs; all others get 503 + Retry-After while the model is still
     held, so without waiting for any work, and none of them was ever tokenized."""
     capacity, flood = 8, 80
-    app = app_for(scorer, api_key=[], max_queue_items=capacity, max_items_per_request=1, max_batch_items=4)
+    app = app_for(fault_scorer, api_key=[], max_queue_items=capacity, max_items_per_request=1, max_batch_items=4)
 
     async def fire(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=PATIENCE_S,
@@ -132,17 +133,17 @@ def test_a_flood_gets_503_before_any_work_while_admitted_work_completes(scorer: 
                                              timeout=PATIENCE_S, return_when=asyncio.FIRST_COMPLETED)
                 assert done, "the flood was not answered while the model was held"
                 refused.extend(t.result() for t in done if t.result() not in refused)
-            assert scorer.gate.is_set() is False  # the model is still held: these came without work
+            assert fault_scorer.gate.is_set() is False  # the model is still held: these came without work
             assert all(r.status_code == 503 and r.headers["retry-after"] for r in refused)
-            assert scorer.encoded <= capacity  # the refused ones cost no tokenization
-            scorer.gate.set()
+            assert fault_scorer.encoded <= capacity  # the refused ones cost no tokenization
+            fault_scorer.gate.set()
             return list(await asyncio.gather(*tasks))
 
-    scorer.gate.clear()
+    fault_scorer.gate.clear()
     with serve_in_thread(app) as url:
         answers = asyncio.run(fire(url))
         metrics = httpx.get(f"{url}/metrics").text
     statuses = [r.status_code for r in answers]
     assert statuses.count(200) == capacity + 1 and statuses.count(503) == flood - capacity - 1
-    assert scorer.encoded == capacity + 1
+    assert fault_scorer.encoded == capacity + 1
     assert f'codescaler_refused_total{{reason="overloaded"}} {flood - capacity - 1}.0' in metrics

@@ -8,7 +8,6 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -23,11 +22,9 @@ CODE = "```python\ndef f(x):\n    return x + 1\n```"
 
 
 @pytest.fixture
-def scorer() -> Iterator[FaultScorer]:
-    """A FaultScorer whose gate is opened at the end, so no model thread outlives its test."""
-    fault_scorer = FaultScorer()
-    yield fault_scorer
-    fault_scorer.gate.set()
+def scorer(fault_scorer: FaultScorer) -> FaultScorer:
+    """The shared gated FaultScorer (tests/conftest.py)."""
+    return fault_scorer
 
 
 def item(problem: str) -> dict[str, str]:
