@@ -99,8 +99,9 @@ HOSTILE_CODE: list[tuple[str, str, str]] = [
     ("python", "```python\nx = " + "-" * 100_000 + "1\n```", "syntax_error"),  # a deep unary chain
     ("javascript", "```javascript\nlet x = " + "[" * 50_000 + "]" * 50_000 + ";\n```", "ok"),  # deep, valid
     ("c", "```c\nint f() {" + "{" * 100_000 + "\n```", "syntax_error"),
-    ("python", "```python\n" + "x = 1\n" * 60_000 + "```", "ok"),  # 360 kB: far past max_length tokens
+    ("python", "```python\n" + "x = 1\n" * 20_000 + "```", "ok"),  # 120 kB: far past max_length tokens
     ("python", "```python\nprint('\u202e\u200b\ufeff\U0001f600\x7f')\n```", "ok"),
+    ("python", "```python\n" + "x = 1\n" * 60_000 + "```", "syntax_error"),  # 360 kB: past the ast.parse bound
 ]
 
 
@@ -116,7 +117,7 @@ def test_the_real_tokenizer_and_parsers_survive_hostile_text(live_server: str) -
     assert [x["extraction"]["status"] for x in results] == [status for *_, status in HOSTILE_CODE] + ["ok"]
     for result in results:  # scored, or a per-item reason; never a lost item
         assert (result["valid"] and result["score"] is not None) or result["error"] in ("syntax_error", "too_long")
-    assert results[1]["valid"] and results[6]["valid"] and results[7]["valid"]
+    assert results[1]["valid"] and results[6]["valid"] and results[8]["valid"]
     assert results[5]["error"] == "too_long" or results[5]["truncated"]
     surrogate = httpx.post(f"{live_server}/v1/score", content=b'{"items": [{"problem": "\\ud800", "response": "r"}]}',
                            headers=JSON, timeout=60)
