@@ -38,6 +38,8 @@ def load_scorer(settings: Settings) -> Scorer:
         attn_implementation=settings.attn_implementation, max_length=settings.max_length,
         cache_dir=settings.model_cache_dir, prefix_reuse=settings.prefix_reuse,
         max_batch_tokens=settings.max_batch_tokens, max_batch_items=settings.max_batch_items,
+        max_padding=settings.max_padding, prefix_cache_bytes=settings.prefix_cache_bytes,
+        chunk_tokens=settings.chunk_tokens, kernel=settings.attention_kernel,
     )
 
 
