@@ -24,15 +24,8 @@ from service.app import create_app
 from service.settings import Settings
 from service.shaping import sigmoid
 from tests.helpers import FakeScorer, app_client
+from tests.test_integrations import PROBLEMS, RESPONSES  # the pairs the trainer adapters are tested with
 
-PROBLEMS = ["Write a Python function add(a, b) that returns a + b.",
-            "Write a Python function rev(s) that reverses the string s."]
-RESPONSES = [
-    "<think>\nEasy.\n</think>\n\n```python\ndef add(a, b):\n    return a + b\n```",
-    "I would rather not write code.",
-    "```python\ndef rev(s):\n    return s[::-1]\n```",
-    "```python\ndef rev(s:\n    return s\n```",
-]
 PAIRS = [(p, r) for p in PROBLEMS for r in RESPONSES]
 MODEL = "LARK-Lab/CodeScaler-8B"  # what a trainer config names; the served model answers
 SYSTEM = "You are a careful Python programmer."
