@@ -7,7 +7,8 @@ plus the decoded response with the reward model's template and posts
 ``{"model", "input": str, "use_activation": false}`` (``"activation": false`` in older
 releases) to vLLM, reading ``data[-1]["probs"][-1]``, or ``{"model", "input": str}`` to
 SGLang's /v1/embeddings, reading ``data[-1]["embedding"][-1]``; slime posts
-``{"prompt", "response", "label"}`` and reads ``--reward-key``.
+``{"prompt", "response", "label"}`` and reads ``--reward-key``. Keys and limits on these
+routes are checked in-process with a fake scorer (the api tier), as for the native routes.
 """
 
 from __future__ import annotations
