@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from models.base import Scorer
-from service import api, compat
+from service import api, compat, protocols
 from service.auth import key_digests, load_keys
 from service.engine import Engine
 from service.errors import install_handlers
@@ -38,6 +38,8 @@ def load_scorer(settings: Settings) -> Scorer:
         attn_implementation=settings.attn_implementation, max_length=settings.max_length,
         cache_dir=settings.model_cache_dir, prefix_reuse=settings.prefix_reuse,
         max_batch_tokens=settings.max_batch_tokens, max_batch_items=settings.max_batch_items,
+        max_padding=settings.max_padding, prefix_cache_bytes=settings.prefix_cache_bytes,
+        chunk_tokens=settings.chunk_tokens, kernel=settings.attention_kernel,
     )
 
 
@@ -85,11 +87,12 @@ def create_app(
     install_handlers(app)
     app.include_router(api.router)
     app.include_router(compat.router)
+    app.include_router(protocols.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    endpoints = {path for router in (api.router, compat.router) for route in router.routes
+    endpoints = {path for router in (api.router, compat.router, protocols.router) for route in router.routes
                  if isinstance(path := getattr(route, "path", None), str)}
     app.add_middleware(ObserveMiddleware, metrics=metrics, endpoints=endpoints)
     return app

@@ -45,3 +45,7 @@ class Metrics:
         self.reward = Histogram("codescaler_reward", "Shaped rewards of scored items.",
                                 buckets=REWARD_BUCKETS, registry=r)
         self.tokens = Counter("codescaler_tokens_total", "Tokens run through the model.", registry=r)
+        self.results_reused = Counter(
+            "codescaler_results_reused_total",
+            "Items answered without running them: identical to another item of the same batch "
+            "(source=batch) or found in the result cache (source=cache).", ["source"], registry=r)
