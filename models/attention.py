@@ -169,13 +169,19 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, 
 KERNELS: dict[str, Kernel] = {"torch_varlen": torch_varlen, "cpu_fused": cpu_fused, "reference": reference}
 
 
-def choose(name: str, device: torch.device) -> str:
-    """The kernel for ``name`` ('auto': torch_varlen on CUDA, cpu_fused elsewhere)."""
+def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel for ``name``. 'auto': torch_varlen on CUDA in bf16/fp16, cpu_fused on a CPU.
+
+    FlashAttention has no float32 kernel, so float32 on CUDA (a precision check, not a
+    serving mode) takes the reference kernel: exact, slower, memory quadratic per sequence.
+    """
     if name != "auto":
         if name not in KERNELS:
             raise ValueError(f"unknown attention kernel {name!r}; choose from {sorted(KERNELS)}")
         return name
-    return "torch_varlen" if device.type == "cuda" else "cpu_fused"
+    if device.type != "cuda":
+        return "cpu_fused"
+    return "reference" if dtype == torch.float32 else "torch_varlen"
 
 
 def activate_fa3(device: torch.device) -> bool:

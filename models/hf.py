@@ -26,7 +26,7 @@ import torch
 from models import attention, memory, tiny, varlen
 from models.base import BatchStats, EncodedItem, ModelLoadError, OutOfMemory, Scorer, TooLong
 from models.cost import BatchCost
-from models.loading import load, resolve_attention, resolve_device, resolve_dtype, resolve_model_path
+from models.loading import float_head, load, resolve_attention, resolve_device, resolve_dtype, resolve_model_path
 from models.padded import PaddedRunner
 from models.varlen import PackedRunner
 
@@ -64,6 +64,7 @@ class HFScorer(Scorer):
         chunk_tokens: int | None = None,
         kernel: str = "auto",
         packed: bool | None = None,
+        loaded: tuple[Any, Any] | None = None,
     ) -> None:
         """Load ``model`` onto its device; ``packed`` None picks the packed runner where it applies.
 
@@ -72,6 +73,7 @@ class HFScorer(Scorer):
         ``chunk_tokens`` caps one packed forward (None: ``max_batch_tokens``, at most
         4096 on a CPU); ``kernel`` names the packed attention kernel (models/attention.py:
         auto, torch_varlen, cpu_fused, reference); ``max_padding`` applies to the padded runner.
+        ``loaded`` (tokenizer, model) serves a model built in memory (loadtests/gpu_check.py).
         """
         self.name = model
         self.revision = revision
@@ -81,9 +83,12 @@ class HFScorer(Scorer):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.attn_implementation = resolve_attention(attn_implementation)
-        self.tokenizer, self.model = load(model, resolve_model_path(model, cache_dir), revision=revision,
-                                          dtype=self.dtype, device=self.device,
-                                          attn_implementation=self.attn_implementation)
+        if loaded is None:
+            loaded = load(model, resolve_model_path(model, cache_dir), revision=revision, dtype=self.dtype,
+                          device=self.device, attn_implementation=self.attn_implementation)
+        else:
+            float_head(loaded[1])
+        self.tokenizer, self.model = loaded
         if self.tokenizer.chat_template is None:
             raise ModelLoadError(f"model {model!r}: the tokenizer has no chat template")
         self.pad_token_id = self._check_pad_token()
@@ -93,7 +98,7 @@ class HFScorer(Scorer):
         self.fa3 = False
         self.runner: PackedRunner | PaddedRunner
         if packed is not False and varlen.supported(self.model):
-            self.kernel_name = attention.choose(kernel, self.device)
+            self.kernel_name = attention.choose(kernel, self.device, self.dtype)
             self.fa3 = self.kernel_name == "torch_varlen" and attention.activate_fa3(self.device)
             varlen.install(self.model)
             if chunk_tokens is None:

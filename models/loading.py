@@ -72,9 +72,14 @@ def load(model: str, path: str, *, revision: str | None, dtype: torch.dtype, dev
     except (OSError, ValueError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model {model!r}: {reason}") from exc
+    float_head(network)
+    return tokenizer, network
+
+
+def float_head(network: Any) -> None:
+    """Eval mode, classifier head in float32 (the scores' resolution), whatever the body's dtype."""
     network.eval()
     head = getattr(network, "score", None)
     if not isinstance(head, torch.nn.Module):
-        raise ModelLoadError(f"model {model!r}: not a sequence classifier with a 'score' head")
+        raise ModelLoadError("the model is not a sequence classifier with a 'score' head")
     head.to(torch.float32)
-    return tokenizer, network

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     )
     attention_kernel: Literal["auto", "torch_varlen", "cpu_fused", "reference"] = Field(
         "auto", description="Kernel of packed attention: auto = torch_varlen (torch's varlen_attn, FA3 "
-        "where flash_attn_interface is installed on sm90) on CUDA, cpu_fused on CPU; reference = plain "
-        "float32 matrix products (slow; for checking).",
+        "where flash_attn_interface is installed on sm90) on CUDA in bf16/fp16, reference on CUDA in "
+        "float32 (FlashAttention has none), cpu_fused on CPU; reference = plain float32 matrix products.",
     )
     max_length: int = Field(
         4096, ge=64, le=131072, description="Token limit of one (problem, code) input."

@@ -111,11 +111,14 @@ def test_a_broken_kernel_stops_the_warm_up_with_one_line(model_cache: Path, monk
 
 
 def test_auto_picks_the_device_kernel() -> None:
-    assert attention.choose("auto", torch.device("cuda")) == "torch_varlen"
-    assert attention.choose("auto", torch.device("cpu")) == "cpu_fused"
-    assert attention.choose("reference", torch.device("cuda")) == "reference"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention.choose("auto", cuda, torch.bfloat16) == "torch_varlen"
+    assert attention.choose("auto", cuda, torch.float16) == "torch_varlen"
+    assert attention.choose("auto", cuda, torch.float32) == "reference"  # FlashAttention has no fp32 kernel
+    assert attention.choose("auto", cpu, torch.float32) == "cpu_fused"
+    assert attention.choose("reference", cuda, torch.bfloat16) == "reference"
     with pytest.raises(ValueError, match="unknown attention kernel"):
-        attention.choose("flash", torch.device("cpu"))
+        attention.choose("flash", cpu, torch.float32)
 
 
 @pytest.mark.gpu
