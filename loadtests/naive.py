@@ -23,11 +23,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 FENCE = re.compile(r"```\w*\n(.*?)```", re.DOTALL)
 
 
-def create_app(model_dir: str) -> FastAPI:
+def create_app(model_dir: str, device: str = "cpu", dtype: str = "float32") -> FastAPI:
     """A FastAPI app scoring each request in one forward of its own."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     app = FastAPI()
 
     @app.get("/ready")
@@ -43,9 +43,9 @@ def create_app(model_dir: str) -> FastAPI:
             code = found[0].strip() if len(found) == 1 else ""
             chat = [{"role": "user", "content": item["problem"]}, {"role": "assistant", "content": code}]
             texts.append(tokenizer.apply_chat_template(chat, tokenize=False))
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.inference_mode():
-            logits = model(**batch).logits[:, 0].tolist()
+            logits = model(**batch).logits[:, 0].float().tolist()
         return {"results": [{"index": i, "score": s} for i, s in enumerate(logits)]}
 
     return app
@@ -56,8 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.model), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.model, args.device, args.dtype), host="127.0.0.1", port=args.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

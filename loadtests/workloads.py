@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 WORDS = ["array", "integer", "string", "return", "value", "input", "output", "sorted", "distinct", "maximum",
          "minimum", "sum", "prefix", "query", "each", "line", "first", "second", "print", "number", "given",
@@ -29,12 +30,13 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """Requests sent in this order, and how: ``concurrency`` closed-loop clients."""
+    """Requests sent in this order by ``concurrency`` closed-loop clients."""
 
     name: str
     description: str
     requests: tuple[Request, ...]
     concurrency: int
+    unit: int = 1  # consecutive requests that belong together (one problem's group): rounds never split them
 
     @property
     def items(self) -> int:
@@ -45,6 +47,13 @@ class Workload:
     def tokens(self) -> int:
         """Model tokens of all items (each item as a full sequence)."""
         return sum(sum(r.lengths) for r in self.requests)
+
+    def rounds(self, count: int) -> list[list[tuple[int, Request]]]:
+        """The (index, request) pairs cut into ``count`` consecutive rounds of whole units."""
+        units = len(self.requests) // self.unit
+        cuts = [round(units * r / count) * self.unit for r in range(count)] + [len(self.requests)]
+        indexed = list(enumerate(self.requests))
+        return [indexed[a:b] for a, b in pairwise(cuts) if b > a]
 
 
 Measure = Callable[[str, str], tuple[int, int]]  # (problem, code) -> (tokens, problem-only prefix tokens)
@@ -123,7 +132,7 @@ def grouped(name: str, description: str, *, groups: int, group_size: int, per_re
         for start in range(0, group_size, per_request):
             chunk = codes[start : start + per_request]
             requests.append(_request([(problem, answer(c)) for c in chunk], chunk, measure))
-    return Workload(name, description, tuple(requests), concurrency)
+    return Workload(name, description, tuple(requests), concurrency, unit=-(-group_size // per_request))
 
 
 def mixed(name: str, description: str, *, items: int, problem_range: tuple[int, int],

@@ -1,8 +1,10 @@
 """The Scorer contract: what the service needs from a reward model, and nothing more.
 
 The service never imports torch; it talks to a Scorer through ``encode`` (text to
-token ids, on a worker thread) and ``score`` (a batch of encoded items to raw
-logits, on the one model thread). Batch in, list out, same length and order.
+token ids, on a worker thread), ``batch_cost`` (what a candidate batch costs, so the
+batcher fills the token budget as the runner counts it) and ``score_with_stats`` (a
+batch of encoded items to raw logits and the work done, on the one model thread).
+Batch in, list out, same length and order.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.cost import BatchCost
 
 
 class ModelLoadError(RuntimeError):
@@ -66,8 +71,6 @@ class Scorer(ABC):
     name: str
     #: Token limit of one item; ``encode`` never returns more tokens than this.
     max_length: int
-    #: Set by ``score``: the work of the last batch, for metrics (None before the first).
-    last_stats: BatchStats | None = None
 
     @abstractmethod
     def encode(self, problem: str, code: str) -> EncodedItem:
@@ -76,6 +79,16 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, items: Sequence[EncodedItem]) -> list[float]:
         """Raw reward-model logits for ``items``, same length and order; OutOfMemory on OOM."""
+
+    def score_with_stats(self, items: Sequence[EncodedItem]) -> tuple[list[float], BatchStats | None]:
+        """``score`` and what it computed (None: the batcher assumes one padded forward)."""
+        return self.score(items), None
+
+    def batch_cost(self) -> BatchCost:
+        """A fresh running cost for assembling a batch (default: right-padded, items x longest)."""
+        from models.cost import PaddedCost  # models.cost builds on this module's EncodedItem
+
+        return PaddedCost()
 
     def info(self) -> dict[str, Any]:
         """Descriptive facts for /v1/models (dtype, device, template hash ...)."""

@@ -6,80 +6,42 @@ extra special tokens; the score is the classifier logit at the last real token.
 Instead of the authors' right truncation (which cuts the code the score is read
 at), overlong inputs lose tokens from the middle of the problem.
 
-Batches run through one of two runners: packed (no padding, shared prefixes
-cached across batches; CPU with sdpa, or flash_attention_2; models/varlen.py)
-or padded (any attention implementation; models/padded.py).
+Batches run through one of two runners: packed (no padding, shared prefixes run once
+and cached across batches, on CPU and CUDA alike; models/varlen.py) or padded (models
+whose layers the packed path cannot serve, e.g. sliding windows; models/padded.py).
+Out of memory, whichever way it is raised, frees the failed forward and becomes
+OutOfMemory, so the batcher can retry in halves while the service stays ready.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from models import tiny, varlen
-from models.base import EncodedItem, ModelLoadError, OutOfMemory, Scorer, TooLong
+from models import attention, memory, tiny, varlen
+from models.base import BatchStats, EncodedItem, ModelLoadError, OutOfMemory, Scorer
+from models.cost import BatchCost
+from models.loading import float_head, load, resolve_attention, resolve_device, resolve_dtype, resolve_model_path
 from models.padded import PaddedRunner
 from models.template import ChatLayout
 from models.varlen import PackedRunner
 
+__all__ = ["HFScorer", "resolve_model_path"]
+
 log = logging.getLogger(__name__)
 
 EXPECTED_PAD_TOKEN_ID = tiny.PAD_TOKEN_ID
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Tokens per packed forward on a CPU. Matrix products are as efficient at a few thousand
-#: rows as at tens of thousands there (measured: loadtests/bench.py's model, 2 cores), and
-#: smaller chunks keep activations small (16384 tokens of the 25M model: ~100 MB a tensor).
+#: Tokens per packed forward on a CPU when the settings leave it open. Matrix products are
+#: as efficient at a few thousand rows as at tens of thousands there (measured with
+#: loadtests/bench.py's model, 2 cores), and smaller forwards keep activations small.
 CPU_CHUNK_TOKENS = 4096
-
-
-def _resolve_device(device: str) -> torch.device:
-    """'auto' means the first GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' means bf16 on CUDA (the checkpoints' dtype) and fp32 on CPU (exactness, speed)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
-def _resolve_attention(attn: str, device: torch.device) -> str:
-    """'auto' takes flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
-    if attn != "auto":
-        return attn
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def resolve_model_path(model: str, cache_dir: Path | None) -> str:
-    """A local directory (checked for safetensors), 'tiny-random' (built), or a hub id."""
-    if model == tiny.TINY_NAME:
-        return str(tiny.build_tiny(cache_dir))
-    path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or path.exists()
-    if not looks_local:
-        return model
-    if not path.is_dir():
-        raise ModelLoadError(f"model {model!r}: no such directory")
-    if not any(path.glob("*.safetensors")):
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-            raise ModelLoadError(
-                f"model {model!r}: only pickle weights (*.bin/*.pt) found; safetensors required "
-                "(pickle checkpoints can run arbitrary code when loaded)"
-            )
-        raise ModelLoadError(f"model {model!r}: no *.safetensors weights in the directory")
-    return str(path)
+#: Rollouts per problem in the warm-up batch (a GRPO group).
+WARMUP_GROUP = 8
 
 
 class HFScorer(Scorer):
@@ -99,34 +61,35 @@ class HFScorer(Scorer):
         max_batch_tokens: int = 16384,
         max_batch_items: int = 64,
         max_padding: float = 0.05,
-        prefix_cache_tokens: int = 16384,
+        prefix_cache_bytes: int | None = None,
+        chunk_tokens: int | None = None,
+        kernel: str = "auto",
         packed: bool | None = None,
+        loaded: tuple[Any, Any] | None = None,
     ) -> None:
-        """Load ``model``; ``packed`` None picks the packed runner where it applies (see models/varlen.py).
+        """Load ``model`` onto its device; ``packed`` None picks the packed runner where it applies.
 
-        ``prefix_cache_tokens`` bounds the problem states kept between batches (0 = none);
-        ``max_padding`` applies to the padded runner only.
+        ``prefix_cache_bytes`` bounds the problem states kept between batches (0 = none,
+        None = half the device memory free after warm-up; see models/memory.py);
+        ``chunk_tokens`` caps one packed forward (None: ``max_batch_tokens``, at most
+        4096 on a CPU); ``kernel`` names the packed attention kernel (models/attention.py:
+        auto, torch_varlen, cpu_fused, reference); ``max_padding`` applies to the padded runner.
+        ``loaded`` (tokenizer, model) serves a model built in memory (loadtests/gpu_check.py).
         """
         self.name = model
         self.revision = revision
         self.max_length = max_length
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
-        self.max_padding = max_padding
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
-        self.attn_implementation = _resolve_attention(attn_implementation, self.device)
-        path = resolve_model_path(model, cache_dir)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, revision=revision, trust_remote_code=False, use_safetensors=True,
-                dtype=self.dtype, attn_implementation=self.attn_implementation,
-            )
-        except (OSError, ValueError, ImportError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"model {model!r}: {reason}") from exc
-        self.model.to(self.device).eval()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.attn_implementation = resolve_attention(attn_implementation)
+        if loaded is None:
+            loaded = load(model, resolve_model_path(model, cache_dir), revision=revision, dtype=self.dtype,
+                          device=self.device, attn_implementation=self.attn_implementation)
+        else:
+            float_head(loaded[1])
+        self.tokenizer, self.model = loaded
         if self.tokenizer.chat_template is None:
             raise ModelLoadError(f"model {model!r}: the tokenizer has no chat template")
         self.pad_token_id = self._check_pad_token()
@@ -135,14 +98,22 @@ class HFScorer(Scorer):
             self.layout = ChatLayout(self.tokenizer)
         except ValueError as exc:
             raise ModelLoadError(f"model {model!r}: {exc}") from exc
+        self.cache_bytes_auto = prefix_cache_bytes is None
+        self.kernel_name: str | None = None
+        self.fa3 = False
         self.runner: PackedRunner | PaddedRunner
-        if packed is not False and varlen.supported(self.model, self.device, self.attn_implementation):
-            varlen.install(self.model, self.attn_implementation)
-            chunk = max_batch_tokens if self.device.type != "cpu" else min(max_batch_tokens, CPU_CHUNK_TOKENS)
-            self.runner = PackedRunner(self.model, self.device, max_tokens=chunk,
-                                       prefix_reuse=prefix_reuse, cache_tokens=prefix_cache_tokens)
+        if packed is not False and varlen.supported(self.model):
+            self.kernel_name = attention.choose(kernel, self.device, self.dtype)
+            self.fa3 = self.kernel_name == "torch_varlen" and attention.activate_fa3(self.device)
+            varlen.install(self.model)
+            if chunk_tokens is None:
+                chunk_tokens = max_batch_tokens if self.device.type != "cpu" else min(max_batch_tokens, CPU_CHUNK_TOKENS)
+            self.runner = PackedRunner(self.model, self.device, attention.KERNELS[self.kernel_name],
+                                       chunk_tokens=chunk_tokens, prefix_reuse=prefix_reuse,
+                                       cache_bytes=prefix_cache_bytes if prefix_cache_bytes is not None
+                                       else memory.default_cache_bytes(self.device))  # re-measured when warm
         elif packed:
-            raise ModelLoadError(f"model {model!r}: packed scoring needs sdpa on CPU or flash_attention_2")
+            raise ModelLoadError(f"model {model!r}: packed scoring needs full attention in every layer")
         else:
             self.runner = PaddedRunner(self.model, self.device, self.pad_token_id, max_tokens=max_batch_tokens,
                                        max_items=max_batch_items, max_padding=max_padding,
@@ -182,14 +153,29 @@ class HFScorer(Scorer):
     # ------------------------------------------------------------------- score
     def score(self, items: Sequence[EncodedItem]) -> list[float]:
         """Raw logits in input order; a problem shared by several items runs once when prefix reuse is on."""
+        return self.score_with_stats(items)[0]
+
+    def score_with_stats(self, items: Sequence[EncodedItem]) -> tuple[list[float], BatchStats | None]:
+        """Raw logits and the work done; any allocation failure becomes OutOfMemory after freeing.
+
+        The failed forward's tensors are referenced by the exception's traceback, so the
+        memory is given back and OutOfMemory raised only once the handler has ended.
+        """
         try:
             with torch.inference_mode():
-                scores, stats = self.runner.run(items)
-        except torch.OutOfMemoryError as exc:
-            self.clear_prefix_cache()  # cached prefixes hold device memory; the retry needs it
-            raise OutOfMemory(f"out of memory scoring {len(items)} items") from exc
-        self.last_stats = stats
-        return scores
+                return self.runner.run(items)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not memory.is_allocation_failure(exc):
+                raise
+            log.warning("out of memory scoring %d items (%d tokens): %s", len(items),
+                        sum(i.length for i in items), str(exc).splitlines()[0][:200])
+        self.clear_prefix_cache()  # cached prefixes hold device memory; the retry needs it
+        memory.release(self.device)
+        raise OutOfMemory(f"out of memory scoring {len(items)} items")
+
+    def batch_cost(self) -> BatchCost:
+        """What a batch costs the runner: packed, prefixes once; padded, items x longest."""
+        return self.runner.batch_cost()
 
     @property
     def prefix_reuse(self) -> bool:
@@ -207,18 +193,61 @@ class HFScorer(Scorer):
 
     # ------------------------------------------------------------------ other
     def warmup(self) -> None:
-        """Score two items sharing a problem so both code paths are initialised."""
-        items = [self.encode("Warm up.", "print(1)"), self.encode("Warm up.", "print(2)")]
+        """Check the attention kernel, run the largest batch twice, then size the prefix cache.
+
+        The kernel check makes a kernel whose layouts changed refuse to start (one line)
+        instead of serving wrong scores. The largest batch (``max_batch_tokens`` of GRPO
+        groups, ``max_batch_items`` at most) reserves the activation memory of a full
+        forward; its second run reads the prefixes back from the cache. What is then free
+        sizes the prefix cache when the settings leave it open.
+        """
+        if self.kernel_name is not None:
+            try:
+                attention.check_kernel(attention.KERNELS[self.kernel_name], self.device, self.dtype,
+                                       bottom_right=self.kernel_name != "cpu_fused")
+            except attention.KernelMismatch as exc:
+                raise ModelLoadError(f"attention kernel {self.kernel_name} on {self.device} breaks its "
+                                     f"contract ({exc}); refusing to serve wrong scores") from None
+        items = self.warmup_items()
+        if isinstance(self.runner, PackedRunner) and self.cache_bytes_auto:
+            self.runner.cache.max_bytes = self.runner.prefix_bytes(sum(i.length for i in items))
+        self.score(items)
         self.score(items)
         self.clear_prefix_cache()
+        if isinstance(self.runner, PackedRunner) and self.cache_bytes_auto:
+            self.runner.cache.max_bytes = memory.default_cache_bytes(self.device)
+        log.info("warm: %d items, %d tokens; prefix cache %.1f MiB", len(items), sum(i.length for i in items),
+                 self.prefix_cache_bytes / 2**20)
+
+    def warmup_items(self) -> list[EncodedItem]:
+        """GRPO groups filling the batch budget by the runner's own cost (the largest batch shape)."""
+        cost = self.batch_cost()
+        problem_words = max(8, self.max_length // 3)
+        code_lines = max(1, self.max_length // 40)
+        items: list[EncodedItem] = []
+        while len(items) < self.max_batch_items:
+            problem = f"Warm-up problem {len(items) // WARMUP_GROUP}: " + " ".join(["numbers"] * problem_words)
+            code = "\n".join(f"x{k} = {len(items)} + {k}" for k in range(code_lines))
+            item = self.encode(problem, code)
+            if items and cost.cost_with(item) > self.max_batch_tokens:
+                break
+            cost.add(item)
+            items.append(item)
+        return items
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes the prefix cache may hold (0 for the padded runner, which keeps none)."""
+        return self.runner.cache.max_bytes if isinstance(self.runner, PackedRunner) else 0
 
     def info(self) -> dict[str, Any]:
         """What /v1/models reports."""
+        packed = isinstance(self.runner, PackedRunner)
         return {
             "id": self.name, "revision": self.revision, "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device), "max_length": self.max_length,
             "attn_implementation": self.attn_implementation, "chat_template_sha256": self.template_hash,
-            "prefix_reuse": self.prefix_reuse,
-            "runner": "packed" if isinstance(self.runner, PackedRunner) else "padded",
+            "prefix_reuse": self.prefix_reuse, "runner": "packed" if packed else "padded",
+            "attention_kernel": (self.kernel_name + ("+FA3" if self.fa3 else "")) if self.kernel_name else None,
+            "prefix_cache_bytes": self.prefix_cache_bytes,
         }
-

@@ -2,9 +2,8 @@
 
 A padded batch costs ``items * longest`` token-forwards. Sorting by length and
 cutting a chunk whenever the token budget or the padding allowance would be
-exceeded keeps that cost close to the real token count. A packed forward
-(sequences side by side in one row, see models/varlen.py) costs exactly its
-tokens, so it only needs cutting at the token budget. Pure Python, no torch.
+exceeded keeps that cost close to the real token count (packed forwards, which
+have no padding, are planned by models/plan.py). Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -46,27 +45,6 @@ def pack_by_length(
             and 1.0 - (total + length) / cost <= max_padding
         )
         if current and not fits:
-            chunks.append(current)
-            current, total = [], 0
-        current.append(index)
-        total += length
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def chunk_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive indices of ``lengths`` grouped so each chunk holds at most ``max_tokens`` tokens.
-
-    For padding-free (packed) forwards, where a chunk costs exactly its tokens. Order is
-    kept, so segments continuing the same prefix stay next to each other; a segment longer
-    than ``max_tokens`` gets a chunk of its own.
-    """
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for index, length in enumerate(lengths):
-        if current and total + length > max_tokens:
             chunks.append(current)
             current, total = [], 0
         current.append(index)

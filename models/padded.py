@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from models.base import BatchStats, EncodedItem
+from models.cost import PaddedCost
 from models.packing import pack_by_length
 from models.prefix import group_by_problem, shared_len
 
@@ -40,6 +41,11 @@ class PaddedRunner:
         # transformers 5 renamed past_key_values to cache; accept either release line.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._work = [0, 0]
+
+    def batch_cost(self) -> PaddedCost:
+        """The batcher's cost of a batch: whole sequences padded to the longest (an upper bound of
+        the chunks this runner makes, and of a shared prefix run once plus its per-item copies)."""
+        return PaddedCost()
 
     def run(self, items: Sequence[EncodedItem]) -> tuple[list[float], BatchStats]:
         """Raw logits in input order, and the real and padded tokens computed."""
@@ -71,7 +77,7 @@ class PaddedRunner:
     def _head(self, hidden: torch.Tensor, last: torch.Tensor) -> list[float]:
         """The classifier head on each row's last real token (what the HF forward pools)."""
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.model.score(pooled)[:, 0].float().tolist()
+        return self.model.score(pooled.float())[:, 0].tolist()
 
     def _score_plain(self, items: Sequence[EncodedItem], indices: list[int], results: list[float | None]) -> None:
         """Whole sequences, length-sorted into padded batches with little padding."""

@@ -4,8 +4,8 @@ All rollouts of a GRPO prompt (and all best-of-N candidates) start with the same
 tokens: the chat template around the same problem. Their key/value states for
 those tokens are identical, so the model computes them once per group. Items of
 one group often reach the model in different batches (single-sample requests
-trickle in), so the states of recent problems are kept in a small LRU cache
-bounded in tokens. Pure bookkeeping: the tensors it stores are opaque here.
+trickle in), so the states of recent problems are kept in a cache bounded in
+bytes. Pure bookkeeping: the tensors it stores are opaque here.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.base import EncodedItem
+
+#: The tokens of an item that depend on its problem only (``input_ids[:prefix_len]``):
+#: items with equal keys answer the same problem and can share one prefix.
+ProblemKey = tuple[int, ...]
 
 
 def common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
@@ -31,15 +35,15 @@ def common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def problem_key(item: EncodedItem) -> tuple[int, ...] | None:
+def problem_key(item: EncodedItem) -> ProblemKey | None:
     """The tokens that depend on the problem only; None when the item has no such part."""
     return item.input_ids[: item.prefix_len] if item.prefix_len > 0 else None
 
 
-def group_by_problem(items: Sequence[EncodedItem]) -> list[tuple[tuple[int, ...] | None, list[int]]]:
+def group_by_problem(items: Sequence[EncodedItem]) -> list[tuple[ProblemKey | None, list[int]]]:
     """Item indices grouped by problem key, in order of first appearance; keyless items alone."""
-    groups: list[tuple[tuple[int, ...] | None, list[int]]] = []
-    where: dict[tuple[int, ...], int] = {}
+    groups: list[tuple[ProblemKey | None, list[int]]] = []
+    where: dict[ProblemKey, int] = {}
     for i, item in enumerate(items):
         key = problem_key(item)
         at = where.get(key) if key is not None else None
@@ -67,50 +71,80 @@ def shared_len(items: Sequence[EncodedItem], group: Sequence[int]) -> int:
 
 @dataclass(slots=True)
 class CachedPrefix:
-    """Key/value states of ``tokens`` as the runner stored them (one entry per layer)."""
+    """Key/value states of ``tokens`` as the runner stored them, and their size in bytes."""
 
     tokens: tuple[int, ...]
     states: Any
+    nbytes: int
 
 
 class PrefixCache:
-    """Least-recently-used problem states, at most ``max_tokens`` tokens in all (0 disables it).
+    """Problem prefix states kept between batches: a segmented LRU of at most ``max_bytes`` bytes.
 
-    The bound is in tokens because the memory of one entry is proportional to its
-    length (layers x 2 x kv_heads x head_dim x bytes per token).
+    Bounded in bytes because that is what it takes from the device (a prefix of n tokens
+    holds layers x 2 x kv_heads x head_dim x n values). Two segments: a new prefix enters
+    *probation*; one used again moves to *protected* (at most ``protected_share`` of the
+    bytes). Eviction takes the least recently used prefix of probation first, so a stream
+    of one-off problems cycles through probation and never evicts the problems of GRPO
+    groups still arriving, while the first rollout of a group still leaves its prefix for
+    the next ones. 0 bytes disables the cache. Only the model thread mutates it;
+    ``__contains__`` may be asked from elsewhere (the batcher's cost estimate).
     """
 
-    def __init__(self, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
-        self.tokens = 0
+    def __init__(self, max_bytes: int, protected_share: float = 0.8) -> None:
+        self.max_bytes = max_bytes
+        self.protected_share = protected_share
+        self.bytes = 0  # both segments
         self.hits = 0
-        self._entries: OrderedDict[tuple[int, ...], CachedPrefix] = OrderedDict()
+        self._protected_used = 0
+        self._probation: OrderedDict[ProblemKey, CachedPrefix] = OrderedDict()
+        self._protected: OrderedDict[ProblemKey, CachedPrefix] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._probation) + len(self._protected)
 
-    def get(self, key: tuple[int, ...]) -> CachedPrefix | None:
-        """The entry stored for ``key`` (now the most recently used), or None."""
-        entry = self._entries.get(key)
+    def __contains__(self, key: object) -> bool:
+        return key in self._protected or key in self._probation
+
+    def get(self, key: ProblemKey) -> CachedPrefix | None:
+        """The entry stored for ``key``, now the most recently used of the protected segment."""
+        entry = self._protected.get(key)
         if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
+            self._protected.move_to_end(key)
+        else:
+            entry = self._probation.pop(key, None)
+            if entry is None:
+                return None
+            self._protected[key] = entry
+            self._protected_used += entry.nbytes
+            while self._protected_used > self.max_bytes * self.protected_share and len(self._protected) > 1:
+                old_key, old = self._protected.popitem(last=False)  # demoted, not evicted
+                self._protected_used -= old.nbytes
+                self._probation[old_key] = old
+        self.hits += 1
         return entry
 
-    def put(self, key: tuple[int, ...], entry: CachedPrefix) -> None:
-        """Store ``entry``, evicting the least recently used ones beyond the token bound."""
-        if len(entry.tokens) > self.max_tokens:
+    def put(self, key: ProblemKey, entry: CachedPrefix) -> None:
+        """Store ``entry`` in probation, evicting beyond the byte bound (too large: not stored)."""
+        if entry.nbytes > self.max_bytes:
             return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.tokens -= len(old.tokens)
-        self._entries[key] = entry
-        self.tokens += len(entry.tokens)
-        while self.tokens > self.max_tokens:
-            _, evicted = self._entries.popitem(last=False)
-            self.tokens -= len(evicted.tokens)
+        for segment in (self._probation, self._protected):
+            old = segment.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+                self._protected_used -= old.nbytes if segment is self._protected else 0
+        self._probation[key] = entry
+        self.bytes += entry.nbytes
+        while self.bytes > self.max_bytes:  # the new entry goes last: it must serve the next rollouts
+            if len(self._probation) > 1 or not self._protected:
+                _, evicted = self._probation.popitem(last=False)
+            else:
+                _, evicted = self._protected.popitem(last=False)
+                self._protected_used -= evicted.nbytes
+            self.bytes -= evicted.nbytes
 
     def clear(self) -> None:
         """Forget every entry (after warm-up, or when memory is short)."""
-        self._entries.clear()
-        self.tokens = 0
+        self._probation.clear()
+        self._protected.clear()
+        self.bytes = self._protected_used = 0

@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from models.base import ModelLoadError, Scorer
-from service import api, compat
+from service import api, compat, protocols
 from service.auth import KeyCheck, key_digests, load_keys, require_key, require_metrics_key
 from service.engine import Engine
 from service.errors import install_handlers
@@ -28,6 +28,8 @@ from service.middleware import ActiveLimitMiddleware, BodyLimitMiddleware, Obser
 from service.settings import Settings
 
 log = logging.getLogger("codescaler.app")
+#: Every router of the app: their paths label the metrics, their key guards feed KeyCheck.
+ROUTERS = (api.router, compat.router, protocols.router)
 
 
 def load_scorer(settings: Settings) -> Scorer:
@@ -39,6 +41,8 @@ def load_scorer(settings: Settings) -> Scorer:
         attn_implementation=settings.attn_implementation, max_length=settings.max_length,
         cache_dir=settings.model_cache_dir, prefix_reuse=settings.prefix_reuse,
         max_batch_tokens=settings.max_batch_tokens, max_batch_items=settings.max_batch_items,
+        max_padding=settings.max_padding, prefix_cache_bytes=settings.prefix_cache_bytes,
+        chunk_tokens=settings.chunk_tokens, kernel=settings.attention_kernel,
     )
 
 
@@ -118,6 +122,7 @@ def create_app(
     install_handlers(app)
     app.include_router(api.router)
     app.include_router(compat.router)
+    app.include_router(protocols.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -126,7 +131,7 @@ def create_app(
     app.add_middleware(ActiveLimitMiddleware, limit=settings.max_active_requests,
                        exempt=frozenset({"/health", "/ready"}))
     app.add_middleware(KeyCheck, digests=app.state.key_digests, protected=_keyed_paths(settings))
-    endpoints = {path for router in (api.router, compat.router) for route in router.routes
+    endpoints = {path for router in ROUTERS for route in router.routes
                  if isinstance(path := getattr(route, "path", None), str)}
     app.add_middleware(ObserveMiddleware, metrics=metrics, endpoints=endpoints)
     return app
@@ -135,7 +140,7 @@ def create_app(
 def _keyed_paths(settings: Settings) -> frozenset[str]:
     """Paths whose routes require a key: the middleware checks them before reading a body."""
     guards = {require_key} if settings.metrics_public else {require_key, require_metrics_key}
-    return frozenset(route.path for router in (api.router, compat.router) for route in router.routes
+    return frozenset(route.path for router in ROUTERS for route in router.routes
                      if any(dep.dependency in guards for dep in getattr(route, "dependencies", [])))
 
 

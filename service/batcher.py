@@ -2,16 +2,21 @@
 
 Algorithm, per batch:
 1. Wait for the first queued item.
-2. Keep collecting until the queue holds a full batch (``max_batch_tokens`` of padded
-   tokens or ``max_batch_items``) or ``max_wait`` has passed since the oldest item came.
+2. Keep collecting until the queue holds a full batch (``max_batch_tokens`` of cost as
+   the scorer counts it, or ``max_batch_items``) or ``max_wait`` has passed since the
+   oldest item came.
 3. Drop what must not run, here and nowhere else: items whose caller went away
    (cancelled future) and items past their deadline (DeadlineExceeded).
-4. Take the oldest item (nobody starves), then the queued items that share its problem
-   prefix, then those nearest to it in length, while ``items * longest`` stays within
-   the token budget. Similar lengths keep padding low; a shared prefix runs once.
-5. Score on the model thread. Out of memory -> split the batch in halves and retry;
-   a single item that still fails gets a per-item ``out_of_memory``. Any other
-   exception fails every item of this batch (never hangs one) and the loop goes on.
+4. Take the oldest item (nobody starves), then the queued items of the same problem,
+   then those nearest to it in length, while the batch's cost stays within the token
+   budget. The cost is the scorer's (``Scorer.batch_cost``): a packed runner counts a
+   shared problem prefix once (and not at all when cached), a padded one items x longest.
+5. On the model thread: items identical to another of the batch, or found in the
+   result cache, are answered without running them; the rest are scored. Out of
+   memory -> the scorer has freed the failed forward; split in halves and retry
+   (outside the exception handler); a single item that still fails gets a per-item
+   ``out_of_memory``. Any other exception fails every item of this batch (never hangs
+   one) and the loop goes on.
 
 A full queue refuses new items at once (Overloaded -> 503 + Retry-After): waiting
 is bounded, memory is bounded.
@@ -32,9 +37,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from models.base import EncodedItem, OutOfMemory, Scorer
+from models.base import BatchStats, EncodedItem, OutOfMemory, Scorer
 from service.errors import DeadlineExceeded, ItemFailed, NotReady, Overloaded, ScoringFailed
 from service.metrics import Metrics
+from service.results import ResultCache, digest
 
 log = logging.getLogger("codescaler.batcher")
 
@@ -54,7 +60,7 @@ class _Pending:
     future: asyncio.Future[ItemScore]
     enqueued: float
     deadline: float
-    prefix: tuple[int, ...] = field(default=())
+    problem: tuple[int, ...] = field(default=())  # the item's problem key (models/prefix.py)
 
 
 class Batcher:
@@ -70,6 +76,7 @@ class Batcher:
         max_wait_ms: float,
         max_queue_items: int,
         forward_timeout: float = math.inf,
+        result_cache_items: int = 0,
     ) -> None:
         self.scorer = scorer
         self.metrics = metrics
@@ -78,6 +85,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_items = max_queue_items
         self.forward_timeout = forward_timeout
+        self.results = ResultCache(result_cache_items)  # touched by the model thread only
         self.forwards = 0  # batches run so far (tests prove coalescing with it)
         self._queue: list[_Pending] = []
         self._arrived = asyncio.Event()
@@ -178,14 +186,24 @@ class Batcher:
         """Wait until a batch is full or the oldest item has waited ``max_wait``."""
         while True:
             remaining = self._queue[0].enqueued + self.max_wait - time.monotonic()
-            queued_tokens = sum(p.item.length for p in self._queue)
-            if remaining <= 0 or queued_tokens >= self.max_batch_tokens or len(self._queue) >= self.max_batch_items:
+            if remaining <= 0 or self._queue_holds_a_batch():
                 return
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 return
+
+    def _queue_holds_a_batch(self) -> bool:
+        """Whether the queued items already fill the item count or the token budget."""
+        if len(self._queue) >= self.max_batch_items:
+            return True
+        cost = self.scorer.batch_cost()
+        for pending in self._queue:
+            if cost.cost_with(pending.item) >= self.max_batch_tokens:
+                return True
+            cost.add(pending.item)
+        return False
 
     def _take(self) -> list[_Pending]:
         """Drop cancelled and expired items, then choose the next batch (steps 3-4)."""
@@ -203,15 +221,15 @@ class Batcher:
             self.metrics.queue_items.set(0)
             return []
         first, rest = live[0], live[1:]
-        rest.sort(key=lambda p: (p.prefix != first.prefix, abs(p.item.length - first.item.length), p.enqueued))
-        chosen, longest = [first], first.item.length
+        rest.sort(key=lambda p: (p.problem != first.problem, abs(p.item.length - first.item.length), p.enqueued))
+        chosen, cost = [first], self.scorer.batch_cost()
+        cost.add(first.item)
         for pending in rest:
             if len(chosen) >= self.max_batch_items:
                 break
-            candidate = max(longest, pending.item.length)
-            if (len(chosen) + 1) * candidate <= self.max_batch_tokens:
+            if cost.cost_with(pending.item) <= self.max_batch_tokens:
+                cost.add(pending.item)
                 chosen.append(pending)
-                longest = candidate
         taken = set(map(id, chosen))
         self._queue = [p for p in live if id(p) not in taken]
         self.metrics.queue_items.set(len(self._queue))
@@ -243,24 +261,55 @@ class Batcher:
                 pending.future.set_result(ItemScore(outcome, start - pending.enqueued, elapsed))
 
     def _score_all(self, items: list[EncodedItem]) -> list[float | ItemFailed]:
-        """Runs on the model thread: score, halving the batch on out-of-memory (step 5)."""
-        try:
-            started = time.perf_counter()
-            scores = self.scorer.score(items)
-            self._observe(items, time.perf_counter() - started)
-            return list(scores)
-        except OutOfMemory:
-            if len(items) == 1:
-                log.warning("one item of %d tokens ran out of memory", items[0].length)
-                return [ItemFailed("out_of_memory")]
-            log.warning("out of memory on %d items; retrying in halves", len(items))
-            half = len(items) // 2
-            return self._score_all(items[:half]) + self._score_all(items[half:])
+        """Runs on the model thread: each distinct input scored once, known ones from the result cache."""
+        outcomes: list[float | ItemFailed | None] = [None] * len(items)
+        todo: dict[bytes, list[int]] = {}
+        from_cache = 0
+        for i, item in enumerate(items):
+            key = digest(item.input_ids)
+            known = self.results.get(key) if key not in todo else None
+            if known is not None:
+                outcomes[i] = known
+                from_cache += 1
+            else:
+                todo.setdefault(key, []).append(i)
+        duplicates = len(items) - from_cache - len(todo)
+        if from_cache:
+            self.metrics.results_reused.labels("cache").inc(from_cache)
+        if duplicates:
+            self.metrics.results_reused.labels("batch").inc(duplicates)
+        scores = self._score_halving([items[where[0]] for where in todo.values()]) if todo else []
+        for (key, where), score in zip(todo.items(), scores, strict=True):
+            for i in where:
+                outcomes[i] = score
+            if isinstance(score, float) and math.isfinite(score):
+                self.results.put(key, score)
+        return outcomes  # type: ignore[return-value]
 
-    def _observe(self, items: list[EncodedItem], seconds: float) -> None:
+    def _score_halving(self, items: list[EncodedItem]) -> list[float | ItemFailed]:
+        """Score ``items``; on out of memory retry in halves, down to a per-item failure (step 5).
+
+        The retry runs after the handler has ended, so nothing of the failed attempt
+        (its traceback and the tensors it references) is alive while the halves run.
+        """
+        started = time.perf_counter()
+        try:
+            scores, stats = self.scorer.score_with_stats(items)
+        except OutOfMemory:
+            pass
+        else:
+            self._observe(items, stats, time.perf_counter() - started)
+            return [float(s) for s in scores]
+        if len(items) == 1:
+            log.warning("one item of %d tokens ran out of memory", items[0].length)
+            return [ItemFailed("out_of_memory")]
+        log.warning("out of memory on %d items; retrying in halves", len(items))
+        half = len(items) // 2
+        return self._score_halving(items[:half]) + self._score_halving(items[half:])
+
+    def _observe(self, items: list[EncodedItem], stats: BatchStats | None, seconds: float) -> None:
         """Batch metrics: what the scorer reports it computed, else the plain padded layout."""
         m = self.metrics
-        stats = self.scorer.last_stats
         tokens = stats.tokens if stats else sum(i.length for i in items)
         ratio = stats.padding_ratio if stats else 1.0 - tokens / (len(items) * max(i.length for i in items))
         m.batch_items.observe(len(items))

@@ -1,4 +1,6 @@
-"""Thin adapters for callers' protocols: OpenRLHF's remote reward model (/get_reward).
+"""Thin adapter for OpenRLHF's remote reward model protocol (/get_reward).
+
+(The other trainers' protocols are in service/protocols.py; chat parsing in service/chat.py.)
 
 OpenRLHF sends each query as prompt plus response in decoded text with the chat
 markers kept; the problem is the last user turn of the prompt and the response is
@@ -10,6 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.api import ERRORS, KEYED, check_item_limits, score_items, set_timing_headers
+from service.chat import problem_of, split_query
 from service.engine import ItemInput
 from service.errors import InvalidRequest
 from service.schemas import RewardRequest, RewardResponse
@@ -17,36 +20,6 @@ from service.settings import Settings
 from service.shaping import sigmoid
 
 router = APIRouter()
-
-USER_TURN = "<|im_start|>user\n"
-ASSISTANT_TURN = "<|im_start|>assistant\n"
-END_OF_TURN = "<|im_end|>"
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end_of_text|>")
-
-
-def problem_of(prompt: str) -> str:
-    """The last user turn of a ChatML prompt; a prompt without markers is the problem as it is."""
-    start = prompt.rfind(USER_TURN)
-    if start < 0:
-        return prompt
-    body = prompt[start + len(USER_TURN):]
-    end = body.find(END_OF_TURN)
-    return body if end < 0 else body[:end]
-
-
-def split_query(query: str, prompt: str | None) -> tuple[str, str]:
-    """(prompt, response) of one query; without a usable prompt, split at the last assistant turn."""
-    if prompt is not None and query.startswith(prompt):
-        head, rest = prompt, query[len(prompt):]
-    else:
-        at = query.rfind(ASSISTANT_TURN)
-        head, rest = (query[:at], query[at + len(ASSISTANT_TURN):]) if at >= 0 else (prompt or "", query)
-    while True:
-        trimmed = rest.rstrip()
-        token = next((t for t in END_TOKENS if trimmed.endswith(t)), None)
-        if token is None:
-            return head, rest
-        rest = trimmed[: -len(token)]
 
 
 @router.post("/get_reward", response_model=RewardResponse, responses=ERRORS, dependencies=KEYED)

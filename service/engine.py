@@ -77,7 +77,7 @@ class Engine:
             scorer, metrics,
             max_batch_tokens=settings.max_batch_tokens, max_batch_items=settings.max_batch_items,
             max_wait_ms=settings.max_wait_ms, max_queue_items=settings.max_queue_items,
-            forward_timeout=settings.forward_timeout,
+            forward_timeout=settings.forward_timeout, result_cache_items=settings.result_cache_items,
         )
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="codescaler-prep")
         # Bounds the preparation pool's queue too: only admitted items are ever submitted to it.

@@ -34,6 +34,12 @@ class InvalidRequest(ServiceError):
     code = "invalid_request"
 
 
+class NoProblem(ServiceError):
+    """A chat input holds no user turn, so there is no problem to score its response against."""
+
+    code = "no_problem"
+
+
 class PayloadTooLarge(ServiceError):
     """A size limit: body bytes, items per request or characters per field."""
 
@@ -93,6 +99,7 @@ class ItemFailed(Exception):
 #: The one place where error types meet status codes.
 STATUS: dict[type[ServiceError], int] = {
     InvalidRequest: 422,
+    NoProblem: 400,
     PayloadTooLarge: 413,
     Unauthorized: 401,
     Overloaded: 503,

@@ -45,6 +45,10 @@ class Metrics:
         self.reward = Histogram("codescaler_reward", "Shaped rewards of scored items.",
                                 buckets=REWARD_BUCKETS, registry=r)
         self.tokens = Counter("codescaler_tokens_total", "Tokens run through the model.", registry=r)
+        self.results_reused = Counter(
+            "codescaler_results_reused_total",
+            "Items answered without running them: identical to another item of the same batch "
+            "(source=batch) or found in the result cache (source=cache).", ["source"], registry=r)
         # --- admission and abuse (issue 12)
         self.admitted_items = Gauge("codescaler_admitted_items",
                                     "Items reserved by admitted requests (preparing, queued or in a forward).",

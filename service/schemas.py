@@ -138,3 +138,138 @@ class ErrorResponse(BaseModel):
     """``{"error": {...}}``."""
 
     error: ErrorDetail
+
+
+# --- other callers' protocols (service/protocols.py) ---------------------------------
+#: A rendered chat: the route refuses (400) a string without a user turn, since it holds no
+#: problem to score against. The pattern documents that rule in the schema (and steers
+#: generated test data); the route, not the schema, enforces it, so the answer is a 400
+#: that says what is missing rather than a pattern mismatch.
+ChatText = Annotated[Text, Field(json_schema_extra={"pattern": r"<\|im_start\|>user\n"})]
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are read."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    text: Text | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat message as OpenAI-style clients send it."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Text | list[ContentPart] | None = None
+
+
+class ClassifyOptions(BaseModel):
+    """Optional fields vLLM's /classify accepts; unknown fields are accepted and ignored, as vLLM does."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str | None = Field(None, description="Accepted, not checked: the served model answers.")
+    use_activation: bool | None = Field(None, description="false: the shaped reward; true (default): sigmoid.")
+    activation: bool | None = Field(None, description="Older name of use_activation (used when it is unset).")
+    truncate_prompt_tokens: int | None = Field(None, description="Accepted, not honoured (see README).")
+    priority: int = Field(0, description="Accepted, not honoured: one queue, first come first served.")
+    request_id: Text | None = Field(None, max_length=256, description="Becomes the response id.")
+
+
+class ClassifyRequest(ClassifyOptions):
+    """vLLM POST /classify, completion form: one rendered chat or a list of them."""
+
+    input: ChatText | list[ChatText]
+
+
+class ChatClassifyRequest(ClassifyOptions):
+    """vLLM POST /classify, chat form: the messages of one chat."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class NativeClassifyRequest(BaseModel):
+    """SGLang's native POST /classify: one rendered chat or a list of them."""
+
+    model_config = ConfigDict(extra="allow")
+    text: ChatText | list[ChatText]
+
+
+class EmbeddingRequest(BaseModel):
+    """SGLang POST /v1/embeddings (a reward model answers a one-element embedding)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str | None = Field(None, description="Accepted, not checked: the served model answers.")
+    input: ChatText | list[ChatText]
+
+
+class TokenUsage(BaseModel):
+    """OpenAI-style usage: tokens the model ran on."""
+
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ClassifyData(BaseModel):
+    """One result of vLLM's /classify."""
+
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(BaseModel):
+    """vLLM's /classify answer."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassifyData]
+    usage: TokenUsage
+
+
+class NativeClassifyResult(BaseModel):
+    """SGLang's native /classify answer for one text."""
+
+    embedding: list[float]
+    meta_info: dict[str, Any]
+
+
+class EmbeddingData(BaseModel):
+    """One result of /v1/embeddings."""
+
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float]
+    index: int
+
+
+class EmbeddingResponse(BaseModel):
+    """SGLang's /v1/embeddings answer."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: TokenUsage
+
+
+class RemoteRewardRequest(BaseModel):
+    """slime's remote reward model body (``--rm-type remote_rm``), one sample."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: Text | list[ChatMessage] = Field(
+        description="The policy-templated prompt, the raw prompt, or its messages.")
+    response: Text
+    label: Any = None
+
+
+class RemoteRewardResponse(BaseModel):
+    """The answer slime reads with ``--reward-key reward``."""
+
+    reward: float
+    score: float | None
+    valid: bool
+    extraction_status: str
+    error: str | None

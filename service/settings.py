@@ -36,7 +36,13 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="auto = flash_attention_2 when installed on CUDA, else sdpa."
+        "auto", description="Attention of ordinary (padded) forwards; auto = sdpa. Packed forwards "
+        "use --attention-kernel.",
+    )
+    attention_kernel: Literal["auto", "torch_varlen", "cpu_fused", "reference"] = Field(
+        "auto", description="Kernel of packed attention: auto = torch_varlen (torch's varlen_attn, FA3 "
+        "where flash_attn_interface is installed on sm90) on CUDA in bf16/fp16, reference on CUDA in "
+        "float32 (FlashAttention has none), cpu_fused on CPU; reference = plain float32 matrix products.",
     )
     max_length: int = Field(
         4096, ge=64, le=131072, description="Token limit of one (problem, code) input."
@@ -48,6 +54,21 @@ class Settings(BaseSettings):
         True,
         description="Run a problem shared by several items of a batch once and reuse its "
         "key/value cache; off only for comparison.",
+    )
+    prefix_cache_bytes: int | None = Field(
+        None, ge=0, description="Bytes of problem key/values kept between batches (0 = none); "
+        "default: half the device memory free after warm-up (CPU: a tenth of available memory, <= 4 GiB).",
+    )
+    chunk_tokens: int | None = Field(
+        None, ge=64, description="Tokens of one packed forward at most; default max_batch_tokens "
+        "(CPU: at most 4096, as fast per token and smaller activations).",
+    )
+    max_padding: float = Field(
+        0.05, ge=0, le=1, description="Padded runner only: share of padding a chunk may have (0..1).",
+    )
+    result_cache_items: int = Field(
+        16384, ge=0, le=10_000_000, description="Recent results kept by input digest, so identical "
+        "inputs run once (0 = off).",
     )
 
     # --- request defaults -----------------------------------------------

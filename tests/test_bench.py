@@ -44,5 +44,9 @@ def test_quick_benchmark_writes_json_chart_and_table(tmp_path: Path, model_cache
     half = document["half_rate"]
     assert half["errors"] == 0 and half["p99_s"] >= half["p50_s"] > 0
     assert set(document["targets"]) == {"grpo_items_c_over_a", "grpo_items_c_over_b", "padding_ratio_c",
-                                        "compute_efficiency_c", "p99_over_p50_half_rate"}
+                                        "compute_efficiency_c", "p99_over_p50_half_rate",
+                                        "grpo_share_of_reuse_ceiling"}
+    grpo = document["workloads"]["grpo"]
+    assert grpo["reuse_ceiling"] > 1.0 and grpo["loop_items_per_s"] > 0  # groups of 8 share their problem
+    assert document["workloads"]["mixed"]["reuse_ceiling"] == pytest.approx(1.0)  # nothing to share
     assert all(isinstance(t["met"], bool) for t in document["targets"].values())

@@ -86,12 +86,12 @@ def test_padding_and_packing_do_not_change_a_score(tiny_dir: Path, reference, pa
     pairs = [(PROBLEMS[0], CODES[2]), (PROBLEMS[1], CODES[1]), (PROBLEMS[2], CODES[3])]
     items = [scorer.encode(p, c) for p, c in pairs]
     assert len({item.length for item in items}) == 3
-    together = scorer.score(items)
-    assert scorer.last_stats is not None
+    together, stats = scorer.score_with_stats(items)
+    assert stats is not None
     if packed:
-        assert scorer.last_stats.padding_ratio == 0.0
+        assert stats.padding_ratio == 0.0
     else:
-        assert scorer.last_stats.padding_ratio > 0.1
+        assert stats.padding_ratio > 0.1
     assert together == pytest.approx([score(ids(p, c)) for p, c in pairs], abs=TOL)
 
 

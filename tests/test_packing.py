@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from models.base import EncodedItem
-from models.packing import chunk_by_tokens, pack_by_length, padding_ratio
+from models.packing import pack_by_length, padding_ratio
 from models.prefix import (
     CachedPrefix,
     PrefixCache,
@@ -45,18 +45,6 @@ def test_pack_by_length_keeps_every_item_once_within_limits(seed: int) -> None:
         assert padding_ratio(sizes) <= 0.05
 
 
-@pytest.mark.parametrize(("lengths", "max_tokens", "expected"), [
-    ([], 10, []),
-    ([3, 3, 3], 10, [[0, 1, 2]]),
-    ([3, 3, 3, 3], 10, [[0, 1, 2], [3]]),
-    ([12, 3, 3], 10, [[0], [1, 2]]),  # longer than the budget: alone
-    ([5, 12, 5], 10, [[0], [1], [2]]),
-    ([4, 6, 1], 10, [[0, 1], [2]]),  # order is kept (segments of a prefix stay together)
-])
-def test_chunk_by_tokens(lengths: list[int], max_tokens: int, expected: list[list[int]]) -> None:
-    assert chunk_by_tokens(lengths, max_tokens) == expected
-
-
 def item(ids: str, prefix_len: int) -> EncodedItem:
     """An item whose tokens are the characters' codes (readable tables)."""
     return EncodedItem(tuple(map(ord, ids)), prefix_len)
@@ -86,23 +74,55 @@ def test_shared_len(texts: list[str], prefix_len: int, expected: int) -> None:
     assert shared_len(items, list(range(len(items)))) == expected
 
 
-def test_prefix_cache_evicts_the_least_recently_used_within_its_token_bound() -> None:
-    cache = PrefixCache(max_tokens=10)
-    cache.put((1,), CachedPrefix((1,) * 4, "a"))
-    cache.put((2,), CachedPrefix((2,) * 4, "b"))
-    assert cache.get((1,)) is not None  # now (2,) is the least recently used
-    cache.put((3,), CachedPrefix((3,) * 4, "c"))
-    assert cache.get((2,)) is None and cache.get((1,)) is not None and cache.get((3,)) is not None
-    assert cache.tokens == 8 and cache.hits == 3
-    cache.put((4,), CachedPrefix((4,) * 11, "too big"))  # larger than the bound: not kept
-    assert cache.get((4,)) is None and len(cache) == 2
+def entry(key: int, nbytes: int) -> CachedPrefix:
+    return CachedPrefix((key,) * 4, f"states of {key}", nbytes)
+
+
+def test_prefix_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used() -> None:
+    cache = PrefixCache(max_bytes=1000, protected_share=1.0)
+    cache.put((1,), entry(1, 400))
+    cache.put((2,), entry(2, 400))
+    cache.put((3,), entry(3, 400))  # 1200 > 1000: the oldest, (1,), goes
+    assert (1,) not in cache and (2,) in cache and (3,) in cache and cache.bytes == 800
+    cache.put((4,), entry(4, 1001))  # larger than the whole bound: not kept, nothing evicted
+    assert (4,) not in cache and len(cache) == 2
     cache.clear()
-    assert len(cache) == 0 and cache.tokens == 0
+    assert len(cache) == 0 and cache.bytes == 0
 
 
-def test_a_cache_of_zero_tokens_keeps_nothing() -> None:
-    cache = PrefixCache(max_tokens=0)
-    cache.put((1,), CachedPrefix((1,), "a"))
+def test_reused_prefixes_survive_a_stream_of_one_off_problems() -> None:
+    """GRPO groups' problems (used again) outlive a flood of problems seen once."""
+    cache = PrefixCache(max_bytes=1000)  # protected: at most 800 bytes
+    for key in (1, 2):
+        cache.put((key,), entry(key, 100))
+        assert cache.get((key,)) is not None  # a second rollout of the group: now protected
+    for one_off in range(100, 200):  # each one-off enters probation and pushes the previous out
+        cache.put((one_off,), entry(one_off, 300))
+        assert (1,) in cache and (2,) in cache and (one_off,) in cache
+    assert cache.bytes <= 1000 and cache.hits == 2
+
+
+def test_the_first_rollout_leaves_its_prefix_for_the_next_ones() -> None:
+    cache = PrefixCache(max_bytes=1000)
+    for key in range(8):  # protected full of reused problems
+        cache.put((key,), entry(key, 100))
+        cache.get((key,))
+    cache.put((50,), entry(50, 400))  # a new group's first rollout, over the bound with the rest
+    assert cache.get((50,)) is not None  # the newest entry is never the one evicted
+    assert cache.bytes <= 1000
+
+
+def test_protected_overflow_is_demoted_not_dropped() -> None:
+    cache = PrefixCache(max_bytes=1000, protected_share=0.5)
+    for key in (1, 2, 3):
+        cache.put((key,), entry(key, 200))
+        cache.get((key,))
+    assert len(cache) == 3 and cache.bytes == 600  # (1,) moved back to probation, still kept
+
+
+def test_a_cache_of_zero_bytes_keeps_nothing() -> None:
+    cache = PrefixCache(max_bytes=0)
+    cache.put((1,), entry(1, 1))
     assert cache.get((1,)) is None
 
 
@@ -116,8 +136,7 @@ def mixed_lengths(scorer) -> list[EncodedItem]:  # type: ignore[no-untyped-def]
 def test_packed_batches_have_no_padding(tiny_scorer) -> None:  # type: ignore[no-untyped-def]
     items = mixed_lengths(tiny_scorer)
     assert len({i.length for i in items}) == 12
-    tiny_scorer.score(items)
-    stats = tiny_scorer.last_stats
+    _, stats = tiny_scorer.score_with_stats(items)
     assert stats is not None and stats.padding_ratio == 0.0 and stats.tokens == sum(i.length for i in items)
 
 
@@ -128,7 +147,6 @@ def test_padded_batches_of_mixed_lengths_stay_within_max_padding(model_cache: Pa
                       prefix_reuse=False)
     items = mixed_lengths(scorer)
     assert padding_ratio([i.length for i in items]) > 0.3  # one padded batch of all would waste a third
-    scorer.score(items)
-    stats = scorer.last_stats
+    _, stats = scorer.score_with_stats(items)
     assert stats is not None and stats.tokens == sum(i.length for i in items)
     assert 0.0 < stats.padding_ratio <= 0.05
