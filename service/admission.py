@@ -15,6 +15,9 @@ Fairness rule (one waiting seat, for the largest):
   seated request only, which is admitted as soon as it fits, or gets 503 at its deadline.
 So a stream of small requests cannot starve a large one: the large one's first try takes
 the seat, and from then on it waits at most for the work admitted before it.
+
+A request estimated at more tokens than ``max_tokens`` (the estimate over-counts code) is
+admitted alone: it fits only an idle server, through the seat like any large request.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ class Admission:
         self._seat: _Seat | None = None
 
     def _fits(self, items: int, tokens: int) -> bool:
-        return self.items + items <= self.max_items and self.tokens + tokens <= self.max_tokens
+        if self.items + items > self.max_items:
+            return False
+        return self.tokens + tokens <= self.max_tokens or self.items == 0  # an oversize one alone
 
     def _overloaded(self) -> Overloaded:
         return Overloaded("the server is at capacity; retry later", headers={"Retry-After": str(self.retry_after)})
@@ -84,11 +89,10 @@ class Admission:
     async def admit(self, items: int, tokens: int, timeout: float) -> Ticket:
         """A reservation for ``items`` items of ``tokens`` estimated tokens, or Overloaded (503).
 
-        PayloadTooLarge (413) for a request that could not fit even an idle server.
+        PayloadTooLarge (413) for more items than the server ever holds.
         """
-        if items > self.max_items or tokens > self.max_tokens:
-            raise PayloadTooLarge(f"the request needs about {tokens} tokens in {items} items; this server "
-                                  f"holds at most {self.max_tokens} tokens and {self.max_items} items")
+        if items > self.max_items:
+            raise PayloadTooLarge(f"the request has {items} items; this server holds at most {self.max_items}")
         if self._seat is None and self._fits(items, tokens):
             return self._grant(items, tokens)
         seat = self._seat

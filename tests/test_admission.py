@@ -34,10 +34,21 @@ async def test_reservations_add_up_and_release_gives_back() -> None:
     assert (admission.items, admission.tokens) == (0, 0)
 
 
-@pytest.mark.parametrize(("items", "tokens"), [(11, 1), (1, 101)])
-async def test_a_request_no_idle_server_could_hold_is_413_not_503(items: int, tokens: int) -> None:
+async def test_more_items_than_the_server_ever_holds_is_413_not_503() -> None:
     with pytest.raises(PayloadTooLarge):
-        await Admission(max_items=10, max_tokens=100).admit(items, tokens, timeout=1)
+        await Admission(max_items=10, max_tokens=100).admit(11, 1, timeout=1)
+
+
+async def test_more_tokens_than_the_bound_are_admitted_alone_once_the_server_is_idle() -> None:
+    admission = Admission(max_items=10, max_tokens=100)
+    small = await admission.admit(1, 10, timeout=1)
+    oversize = asyncio.create_task(admission.admit(2, 500, timeout=30))
+    await settle()
+    assert not oversize.done()
+    with pytest.raises(Overloaded):
+        await admission.admit(1, 1, timeout=0.01)  # nobody joins it
+    small.release()
+    assert (await oversize).tokens == 500 and admission.tokens == 500
 
 
 async def test_a_full_server_refuses_at_once_when_the_seat_is_taken() -> None:
