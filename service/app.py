@@ -28,6 +28,8 @@ from service.middleware import ActiveLimitMiddleware, BodyLimitMiddleware, Obser
 from service.settings import Settings
 
 log = logging.getLogger("codescaler.app")
+#: After the drain, how long requests still in transit keep getting 503 before the server stops.
+LINGER_SECONDS = 1.0
 #: Every router of the app: their paths label the metrics, their key guards feed KeyCheck.
 ROUTERS = (api.router, compat.router, protocols.router)
 
@@ -156,7 +158,10 @@ async def drain(app: FastAPI, accept_seconds: float, patience: float) -> None:
 
     Returns once every admitted scoring request is answered, or after ``patience``
     seconds of waiting for them (the engine answers each within request_timeout +
-    forward_timeout, so only a model thread stuck for good runs into this).
+    forward_timeout, so only a model thread stuck for good runs into this), and then
+    another ``min(accept_seconds, LINGER_SECONDS)`` of refusing: a request already on its
+    way over a keep-alive connection gets its 503 (which closes that connection) instead
+    of a reset when the server stops.
     """
     app.state.draining = True
     log.info("draining: /ready is 503; scoring requests accepted for %.1f s more", accept_seconds)
@@ -172,3 +177,4 @@ async def drain(app: FastAPI, accept_seconds: float, patience: float) -> None:
                   app.state.in_flight, patience)
     else:
         log.info("draining: every admitted request was answered")
+    await asyncio.sleep(min(accept_seconds, LINGER_SECONDS))
