@@ -95,9 +95,14 @@ async def _in_daemon_thread(load: Callable[[Settings], Scorer], settings: Settin
 
 
 def create_app(
-    settings: Settings, scorer: Scorer | None = None, registry: CollectorRegistry | None = None
+    settings: Settings, scorer: Scorer | None = None, registry: CollectorRegistry | None = None,
+    behind_proxy: bool = False,
 ) -> FastAPI:
-    """A fresh app serving ``scorer`` (or the model named in ``settings``)."""
+    """A fresh app serving ``scorer`` (or the model named in ``settings``).
+
+    ``behind_proxy``: requests come from a proxy that has read their bodies (a Ray Serve
+    replica); a body lost on the way is answered 503 (retryable), not 408.
+    """
     metrics = Metrics(registry)
 
     @asynccontextmanager
@@ -129,7 +134,8 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     # Added innermost first: Observe -> KeyCheck -> ActiveLimit -> BodyLimit -> (CORS) -> routes.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, read_timeout=settings.body_read_timeout,
+                       behind_proxy=behind_proxy)
     app.add_middleware(ActiveLimitMiddleware, limit=settings.max_active_requests,
                        exempt=frozenset({"/health", "/ready"}))
     app.add_middleware(KeyCheck, digests=app.state.key_digests, protected=_keyed_paths(settings))

@@ -126,10 +126,14 @@ class BodyLimitMiddleware:
     close the connection, which frees it from a client that trickles its body.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, read_timeout: float = 60.0) -> None:
+    def __init__(self, app: ASGIApp, limit: int, read_timeout: float = 60.0, behind_proxy: bool = False) -> None:
+        """``behind_proxy``: a proxy that has read the body already delivers it (Ray Serve); one that
+        does not arrive is then lost between proxy and replica, not withheld by the client, so the
+        answer is a retryable 503 instead of 408."""
         self.app = app
         self.limit = limit
         self.read_timeout = read_timeout
+        self.behind_proxy = behind_proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,7 +152,10 @@ class BodyLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, give_up - loop.time()))
             except TimeoutError:
-                await send_error(send, RequestTimeout(f"the body did not arrive within {self.read_timeout:g} s"))
+                late = (Overloaded("the body did not reach this replica; retry", headers={"Retry-After": "1"})
+                        if self.behind_proxy else
+                        RequestTimeout(f"the body did not arrive within {self.read_timeout:g} s"))
+                await send_error(send, late)
                 return
             if message["type"] != "http.request":  # gone before the body was complete
                 await send_error(send, ClientDisconnected("the client disconnected"))

@@ -136,7 +136,7 @@ class CodeScalerReplica:
         setup_logging(settings)  # Ray owns the root handler here: only our loggers' level changes
         context = serve.get_replica_context()
         self.codescaler_replica = context.replica_id.to_full_id_str()
-        self.codescaler_app = create_app(settings)
+        self.codescaler_app = create_app(settings, behind_proxy=True)
         # Names the replica inside its own registry, so a scrape of an exporter says whose numbers they are.
         Gauge("codescaler_replica_info", "The Ray Serve replica this registry belongs to (always 1).", ["replica"],
               registry=self.codescaler_app.state.metrics.registry).labels(self.codescaler_replica).set(1)

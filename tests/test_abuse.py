@@ -73,6 +73,16 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_free
     assert status == 408 and b"request_timeout" in answer
 
 
+def test_behind_a_proxy_a_lost_body_is_a_retryable_503(fault_scorer: FaultScorer) -> None:
+    """A Ray Serve replica: the proxy read the body already; one that never arrives was lost on its way."""
+    settings = Settings(model="fake", api_key=[KEY], body_read_timeout=0.5)  # type: ignore[call-arg]
+    app = create_app(settings, fault_scorer, behind_proxy=True)  # type: ignore[arg-type]
+    with serve_in_thread(app) as url, connect(url) as sock:
+        sock.sendall(headers("/v1/score", f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n") + b'{"items"')
+        status, answer = read_answer(sock)
+    assert status == 503 and b"retry-after: 1" in answer.lower() and fault_scorer.encoded == 0
+
+
 def test_the_active_request_bound_ignores_idle_keepalive_connections(fault_scorer: FaultScorer) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
     body = {"items": [{"problem": "p", "response": CODE}]}
