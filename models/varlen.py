@@ -13,7 +13,7 @@ CUDA, the fused CPU kernel per sequence here, the float32 reference in the tests
 2. suffix queries against the prefix computed in the same row (a slice of the row's
    keys, no copy) and against stored prefix states (one call each);
 3. the parts merged by their log-sum-exps: softmax over [prefix; own] keys equals
-   ``lerp(prefix_out, own_out, sigmoid(own_lse - prefix_lse))``.
+   ``prefix_out + sigmoid(own_lse - prefix_lse) * (own_out - prefix_out)``, in place.
 Everything a layer needs (offsets, positions, gather indices) is uploaded once per
 forward in one host-to-device copy; nothing inside the layers syncs with the host.
 """
@@ -85,8 +85,9 @@ def cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Pack
             pk, pv = k[: part.row_keys], v[: part.row_keys]
         s, e = part.q_start, part.q_end
         pre_out, pre_lse = p.kernel(q[s:e], pk, pv, part.seqs, False, scale)
-        weight = torch.sigmoid(lse[:, s:e] - pre_lse).transpose(0, 1).unsqueeze(-1)  # [n, H, 1]
-        out[s:e] = torch.lerp(pre_out.float(), out[s:e].float(), weight).to(out.dtype)
+        weight = torch.sigmoid(lse[:, s:e] - pre_lse).transpose(0, 1).unsqueeze(-1)  # [n, H, 1], fp32
+        mixed = out[s:e]  # pre + w * (own - pre), in place: no temporaries per layer
+        mixed.sub_(pre_out).mul_(weight.to(mixed.dtype)).add_(pre_out)
     return out.unsqueeze(0)
 
 
@@ -169,17 +170,17 @@ class PackedRunner:
                            keep_single=self.cache.max_bytes > 0, stored=stored)
         states = {key: entry.states for key, entry in kept.items()}
         results: list[float | None] = [None] * len(items)
-        new: dict[ProblemKey, torch.Tensor] = {}
+        new: dict[ProblemKey, CachedPrefix] = {}
         for plan in plans:
             self._forward(plan, states, results, new)
-        for key, buffer in new.items():
-            self.cache.put(key, CachedPrefix(key, buffer, buffer.numel() * buffer.element_size()))
+        for key, entry in new.items():
+            self.cache.put(key, entry)
         assert all(r is not None for r in results)
         tokens = sum(plan.tokens for plan in plans)
         return [float(r) for r in results], BatchStats(tokens=tokens, padded_tokens=tokens)  # type: ignore[arg-type]
 
     def _forward(self, plan: ForwardPlan, states: dict[ProblemKey, torch.Tensor], results: list[float | None],
-                 new: dict[ProblemKey, torch.Tensor]) -> None:
+                 new: dict[ProblemKey, CachedPrefix]) -> None:
         """One packed forward of ``plan``: scores of its items, states of its captured prefixes."""
         segments = plan.segments
         lengths = [len(s.tokens) for s in segments]
@@ -200,11 +201,12 @@ class PackedRunner:
             part = self._prefix_part(call, call is plan.stored_prefixes, states)
             part.seqs.cu = (cu[1 + 2 * n], cu[2 + 2 * n])
             packed.prefixes.append(part)
-        for key, start, end in plan.captures:
+        for n, (key, start, end) in enumerate(plan.captures):  # the row's first segments are these prefixes
             buffer = torch.empty(self.layers, 2, end - start, self.kv_heads, self.head_dim,
                                  dtype=self.dtype, device=self.device)
             packed.captures.append((start, end, buffer))
-            states[key] = new[key] = buffer
+            states[key] = buffer
+            new[key] = CachedPrefix(tuple(segments[n].tokens), buffer, buffer.numel() * buffer.element_size())
         hidden = self.model.base_model(
             input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0), attention_mask=self._no_masks,
             use_cache=False, codescaler_pass=packed,

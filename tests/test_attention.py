@@ -125,3 +125,25 @@ def test_auto_picks_the_device_kernel() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_varlen_keeps_the_contract_on_the_device(dtype: torch.dtype) -> None:
     check_kernel(attention.torch_varlen, torch.device("cuda"), dtype)
+
+
+def test_fa3_is_switched_in_only_where_its_package_runs_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision around activate_flash_attention_impl, on the CPU (the call itself needs a GPU)."""
+    import importlib.util
+
+    import torch.nn.attention as torch_attention
+
+    activated: list[str] = []
+    monkeypatch.setattr(torch_attention, "activate_flash_attention_impl", activated.append)
+    assert attention.activate_fa3(torch.device("cpu")) is False
+    real_find_spec = importlib.util.find_spec
+    for installed, capability, expected in [(False, (9, 0), False), (True, (8, 0), False), (True, (9, 0), True)]:
+        def find_spec(name: str, package: str | None = None, installed: bool = installed) -> object:
+            if name == "flash_attn_interface":
+                return object() if installed else None
+            return real_find_spec(name, package)
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert attention.activate_fa3(torch.device("cuda")) is expected
+    assert activated == ["FA3"]
