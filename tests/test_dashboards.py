@@ -145,14 +145,19 @@ def test_problems_of_flags_names_the_server_does_not_export() -> None:
     assert problems_of("sum by (endpoint) (g)", series) == ["no metric of the expression has label endpoint"]
 
 
-def send_traffic(url: str) -> None:
-    """Valid and malformed items through all three scoring endpoints; every request must succeed."""
+def send_traffic(url: str, round_: int = 0) -> None:
+    """Valid and malformed items through all three scoring endpoints; every request must succeed.
+
+    Each round's code differs (as training traffic does): repeated inputs are answered from
+    the result cache without a forward, and the forward metrics would not move.
+    """
+    valid = VALID.replace("```python\n", f"```python\n# round {round_}\n", 1)
     with httpx.Client(base_url=url, timeout=60) as client:
-        items = [{"problem": PROBLEM, "response": text} for text in [VALID, *MALFORMED]]
+        items = [{"problem": PROBLEM, "response": text} for text in [valid, *MALFORMED]]
         replies = [
             client.post("/v1/score", json={"items": items}),
-            client.post("/v1/rank", json={"problem": PROBLEM, "responses": [VALID, MALFORMED[2], VALID + "\n"]}),
-            client.post("/get_reward", json={"query": [f"{PROMPT}{VALID}<|im_end|>"], "prompts": [PROMPT]}),
+            client.post("/v1/rank", json={"problem": PROBLEM, "responses": [valid, MALFORMED[2], valid + "\n"]}),
+            client.post("/get_reward", json={"query": [f"{PROMPT}{valid}<|im_end|>"], "prompts": [PROMPT]}),
         ]
     for reply in replies:
         assert reply.status_code == 200, reply.text
@@ -244,8 +249,8 @@ def test_prometheus_scrapes_service_and_every_dashboard_query_has_data(live_serv
     up = 'up{job="codescaler"}'
     wait_for(lambda: finite_values(prometheus_query(prometheus, up)) == [1.0], "the service was never scraped")
     # Traffic spread over several scrapes, so that every rate sees the counters move.
-    for _ in range(3):
-        send_traffic(live_server)
+    for round_ in range(3):
+        send_traffic(live_server, round_ + 1)
         time.sleep(1.2)
     queries = {expr: as_promql(expr) for _, expr in dashboard_targets()}
 
