@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
@@ -52,17 +53,29 @@ def model_flops(workload: Workload, facts: dict[str, Any], ran_tokens: int | Non
     return full - saved * (2 * n + pair * (statistics.mean(prefixes) + 1) / 2)
 
 
+def forward_flops(items: Iterable[tuple[Hashable, int, int]], params: int, pair: int, reuse: bool) -> float:
+    """FLOPs of scoring ``items``, each (problem, length, prefix length): whole, or each prefix once.
+
+    ``pair`` is the FLOPs of one attended (query, key) pair (4 x layers x heads x head_dim);
+    with ``reuse`` a problem's prefix runs once and each suffix attends to it and to itself.
+    """
+    total, seen = 0.0, set()
+    for problem, length, prefix in items:
+        if not reuse:
+            total += 2 * params * length + pair * length * (length + 1) / 2
+            continue
+        if problem not in seen:
+            seen.add(problem)
+            total += 2 * params * prefix + pair * prefix * (prefix + 1) / 2
+        own = length - prefix
+        total += 2 * params * own + pair * own * (prefix + (own + 1) / 2)
+    return total
+
+
 def reuse_ceiling(workload: Workload, facts: dict[str, Any]) -> float:
     """FLOPs of every item run whole over FLOPs with each problem's prefix run once."""
+    items = [(problem, length, prefix) for request in workload.requests
+             for (problem, _), length, prefix in zip(request.items, request.lengths, request.prefix_lengths,
+                                                     strict=True)]
     n, pair = facts["non_embedding_params"], facts["flops_per_attention_pair"]
-    full = once = 0.0
-    seen: set[str] = set()
-    for request in workload.requests:
-        for (problem, _), length, prefix in zip(request.items, request.lengths, request.prefix_lengths, strict=True):
-            full += 2 * n * length + pair * length * (length + 1) / 2
-            if problem not in seen:
-                seen.add(problem)
-                once += 2 * n * prefix + pair * prefix * (prefix + 1) / 2
-            own = length - prefix
-            once += 2 * n * own + pair * own * (prefix + (own + 1) / 2)
-    return full / once
+    return forward_flops(items, n, pair, reuse=False) / forward_flops(items, n, pair, reuse=True)

@@ -33,8 +33,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loadtests.flops import forward_flops
 from loadtests.oom_check import SCORER_OPTIONS, check_oom, kernel_for
-from models import tiny
+from models import memory, tiny
 from models.base import EncodedItem
 from models.hf import HFScorer
 
@@ -111,7 +112,7 @@ def check_exactness(device: torch.device, quick: bool) -> dict[str, Any]:
     agree = sum(max(range(8), key=lambda k: got[8 * p + k]) == max(range(8), key=lambda k: plain[8 * p + k])
                 for p in range(8))
     del reference, served, scorer
-    release(device)
+    memory.release(device)
     return {"shape": shape, "pairs": len(items), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
             "best_of_n_agreement": agree / 8, "score_range": [min(plain), max(plain)]}
 
@@ -145,19 +146,8 @@ def batches(scorer: HFScorer, items: list[EncodedItem], budget: int) -> list[lis
 def model_flops(items: list[EncodedItem], shape: dict[str, int], params: int, reuse: bool) -> float:
     """2 x params per token run, plus 4 x layers x heads x head_dim per attended (query, key) pair."""
     pair = 4 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"]
-    total, seen = 0.0, set()
-    for item in items:
-        p, n = item.prefix_len, item.length
-        if not reuse:
-            total += 2 * params * n + pair * n * (n + 1) / 2
-            continue
-        key = item.input_ids[:p]
-        if key not in seen:
-            seen.add(key)
-            total += 2 * params * p + pair * p * (p + 1) / 2
-        s = n - p
-        total += 2 * params * s + pair * s * (p + (s + 1) / 2)
-    return total
+    keyed = ((item.input_ids[: item.prefix_len], item.length, item.prefix_len) for item in items)
+    return forward_flops(keyed, params, pair, reuse)
 
 
 def check_grpo(device: torch.device, quick: bool, budget: int) -> dict[str, Any]:
@@ -193,18 +183,11 @@ def check_grpo(device: torch.device, quick: bool, budget: int) -> dict[str, Any]
     result["step_seconds"] = result["seconds_reuse"]
     result["mfu"] = result["model_flops_reuse"] / result["seconds_reuse"] / peak
     result["reuse_speedup"] = result["items_per_s_reuse"] / result["items_per_s_no_reuse"]
-    result["peak_memory_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
+    peak_bytes = memory.peak_bytes(device)
+    result["peak_memory_gib"] = peak_bytes / 2**30 if peak_bytes is not None else None
     del network, scorer
-    release(device)
+    memory.release(device)
     return result
-
-
-def release(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,16 +72,16 @@ class _Group:
 class _Chunk:
     """A forward being filled; laid out in row order by ``build``."""
 
-    prefixes: list[tuple[ProblemKey, Sequence[int]]] = field(default_factory=list)
+    prefixes: dict[ProblemKey, Sequence[int]] = field(default_factory=dict)  # computed in this row
     lone: list[Segment] = field(default_factory=list)
     row_suffixes: dict[ProblemKey, list[Segment]] = field(default_factory=dict)
     stored_suffixes: dict[ProblemKey, list[Segment]] = field(default_factory=dict)
     tokens: int = 0
 
     def build(self) -> ForwardPlan:
-        segments = [Segment(tokens, 0) for _, tokens in self.prefixes] + self.lone
+        segments = [Segment(tokens, 0) for tokens in self.prefixes.values()] + self.lone
         captures, start = [], 0
-        for key, tokens in self.prefixes:
+        for key, tokens in self.prefixes.items():
             captures.append((key, start, start + len(tokens)))
             start += len(tokens)
         row = self._call(self.row_suffixes, segments)
@@ -120,7 +120,10 @@ def plan_batch(items: Sequence[EncodedItem], *, reuse: bool, chunk_tokens: int, 
         kept = stored(key)
         if kept is not None:
             shared = common_prefix_len([kept, items[members[0]].input_ids[:shared]])
-        groups.append(_Group(key, shared, members, kept is not None and shared > 0))
+            if shared == 0:  # a stored prefix that shares nothing with this batch's items
+                groups.extend(members)
+                continue
+        groups.append(_Group(key, shared, members, kept is not None))
     forwards: list[ForwardPlan] = []
     chunk = _Chunk()
     computed: set[ProblemKey] = set()  # prefixes captured by an earlier forward of this batch
@@ -129,7 +132,7 @@ def plan_batch(items: Sequence[EncodedItem], *, reuse: bool, chunk_tokens: int, 
         nonlocal chunk
         if chunk.tokens and chunk.tokens + need > chunk_tokens:
             forwards.append(chunk.build())
-            computed.update(key for key, _ in chunk.prefixes)
+            computed.update(chunk.prefixes)
             chunk = _Chunk()
 
     for unit in groups:
@@ -138,23 +141,16 @@ def plan_batch(items: Sequence[EncodedItem], *, reuse: bool, chunk_tokens: int, 
             chunk.lone.append(Segment(items[unit].input_ids, 0, unit))
             chunk.tokens += items[unit].length
             continue
-        if unit.shared == 0:  # a stored prefix that shares nothing with this batch's items
-            for m in unit.members:
-                make_room(items[m].length)
-                chunk.lone.append(Segment(items[m].input_ids, 0, m))
-                chunk.tokens += items[m].length
-            continue
         for m in unit.members:
             ids = items[m].input_ids
-            in_row = any(key == unit.key for key, _ in chunk.prefixes)
-            available = unit.stored or unit.key in computed or in_row
+            # Computed already (stored, in an earlier forward, or in this row): a flush in
+            # make_room moves this row's prefixes to ``computed``, so the answer holds after it.
+            available = unit.stored or unit.key in computed or unit.key in chunk.prefixes
             make_room(len(ids) - unit.shared + (0 if available else unit.shared))
-            in_row = any(key == unit.key for key, _ in chunk.prefixes)
-            if not (unit.stored or unit.key in computed or in_row):
-                chunk.prefixes.append((unit.key, ids[: unit.shared]))
+            if not available:
+                chunk.prefixes[unit.key] = ids[: unit.shared]
                 chunk.tokens += unit.shared
-                in_row = True
-            target = chunk.row_suffixes if in_row else chunk.stored_suffixes
+            target = chunk.row_suffixes if unit.key in chunk.prefixes else chunk.stored_suffixes
             target.setdefault(unit.key, []).append(Segment(ids[unit.shared :], unit.shared, m))
             chunk.tokens += len(ids) - unit.shared
     if chunk.tokens:

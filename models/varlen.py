@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Any
 
 import torch
@@ -122,14 +122,6 @@ def _upload(device: torch.device, *lists: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
-def _cumulative(lengths: Sequence[int]) -> list[int]:
-    total, out = 0, [0]
-    for n in lengths:
-        total += n
-        out.append(total)
-    return out
-
-
 class PackedRunner:
     """Scores batches in packed forwards through ``kernel``; shares and caches problem prefixes."""
 
@@ -184,14 +176,14 @@ class PackedRunner:
         """One packed forward of ``plan``: scores of its items, states of its captured prefixes."""
         segments = plan.segments
         lengths = [len(s.tokens) for s in segments]
-        ends = _cumulative(lengths)[1:]
-        scored = [(ends[i] - 1, s.item) for i, s in enumerate(segments) if s.item is not None]
+        offsets = list(accumulate(lengths, initial=0))
+        scored = [(offsets[i + 1] - 1, s.item) for i, s in enumerate(segments) if s.item is not None]
         calls = [c for c in (plan.row_prefixes, plan.stored_prefixes) if c is not None]
         ids, positions, last, *cus = _upload(
             self.device, list(chain.from_iterable(s.tokens for s in segments)),
             list(chain.from_iterable(range(s.position, s.position + len(s.tokens)) for s in segments)),
-            [row for row, _ in scored], _cumulative(lengths),
-            *(offsets for c in calls for offsets in (_cumulative(c.q_lens), _cumulative(c.k_lens))),
+            [row for row, _ in scored], offsets,
+            *(list(accumulate(lens, initial=0)) for c in calls for lens in (c.q_lens, c.k_lens)),
         )
         cu = [t.to(torch.int32) for t in cus]
         own = Seqs.of(lengths, lengths, self.device)
