@@ -13,6 +13,12 @@
 (c) out of memory: the device (CPU: the address space) is capped just above what is in
     use and a batch far too large is sent through the real Engine and Batcher; recovered
     = every item answered, the batch split, and the next request scored normally.
+First, the attention kernel the service picks on this device is checked against the
+plain computation (models/attention.py: LSE layout, bottom-right causal alignment; FA3
+switched back to FA2 if it fails), as every server does at warm-up.
+Each part is written to the JSON as soon as it is done, and a part that fails is
+recorded with its error while the others still run (the exit code is then 1): a
+first run on a new machine should return every figure it can.
 Weights are random (scores are meaningless; the score head is scaled to the range of
 real CodeScaler scores, ~±5, so that bf16 resolution matters as it would).
 """
@@ -25,6 +31,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from loadtests.flops import forward_flops
 from loadtests.oom_check import SCORER_OPTIONS, check_oom, kernel_for
-from models import memory, tiny
+from models import attention, memory, tiny
 from models.base import EncodedItem
 from models.hf import HFScorer
 
@@ -86,6 +93,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_attention(device: torch.device) -> dict[str, Any]:
+    """The service's attention kernel on this device against the plain computation (warm-up's check)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = attention.choose("auto", device, dtype)
+    fa3 = name == "torch_varlen" and attention.activate_fa3(device)
+    fa3 = attention.verify(name, device, dtype, fa3=fa3)  # raises KernelMismatch: the part fails
+    return {"kernel": name, "dtype": str(dtype).removeprefix("torch."), "fa3": fa3, "contract": "kept"}
+
+
 def check_exactness(device: torch.device, quick: bool) -> dict[str, Any]:
     """(a): bf16 packed with reuse against the fp32 plain forward, same weights, 64 pairs."""
     shape = tiny.TINY_SHAPE if quick else SHAPE_1_7B
@@ -97,6 +113,7 @@ def check_exactness(device: torch.device, quick: bool) -> dict[str, Any]:
     served = random_model(shape, device, torch.bfloat16)
     served.load_state_dict(reference.state_dict())
     scorer = serve("random-1.7b-shape", served, device, "bfloat16", max_length=2048)
+    scorer.warmup()  # as the service starts: kernel check, the largest batch twice, cache sized
     words = ["array", "sum", "return", "value", "index", "sorted", "print", "line", "query", "number"]
     pairs = []
     for p in range(8):
@@ -111,10 +128,11 @@ def check_exactness(device: torch.device, quick: bool) -> dict[str, Any]:
     diffs = [abs(a - b) for a, b in zip(got + cached, plain + plain, strict=True)]
     agree = sum(max(range(8), key=lambda k: got[8 * p + k]) == max(range(8), key=lambda k: plain[8 * p + k])
                 for p in range(8))
+    info = {k: scorer.info()[k] for k in ("attention_kernel", "runner", "prefix_cache_bytes")}
     del reference, served, scorer
     memory.release(device)
     return {"shape": shape, "pairs": len(items), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
-            "best_of_n_agreement": agree / 8, "score_range": [min(plain), max(plain)]}
+            "best_of_n_agreement": agree / 8, "score_range": [min(plain), max(plain)], "served": info}
 
 
 def grpo_items(problems: int, rollouts: int, length: int, shared: float, seed: int) -> list[EncodedItem]:
@@ -203,34 +221,67 @@ def main(argv: list[str] | None = None) -> None:
     document: dict[str, Any] = {
         "command": " ".join(["python loadtests/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
+                    "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None},
     }
-    document["exactness"] = check_exactness(device, args.quick)
-    document["grpo"] = check_grpo(device, args.quick, budget)
-    oom_scorer = serve("random-oom", random_model(tiny.TINY_SHAPE if args.quick else SHAPE_1_7B, device,
-                                                  torch.bfloat16 if device.type == "cuda" else torch.float32),
-                       device, "auto", kernel=kernel_for(device), **SCORER_OPTIONS)
-    document["oom"] = asyncio.run(check_oom(oom_scorer, device))
-    document["oom_recovered"] = document["oom"]["oom_recovered"]
-    document["wall_seconds"] = time.time() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    parts = {
+        "kernel": lambda: check_attention(device),
+        "exactness": lambda: check_exactness(device, args.quick),
+        "grpo": lambda: check_grpo(device, args.quick, budget),
+        "oom": lambda: asyncio.run(check_oom(serve(
+            "random-oom", random_model(tiny.TINY_SHAPE if args.quick else SHAPE_1_7B, device,
+                                       torch.bfloat16 if device.type == "cuda" else torch.float32),
+            device, "auto", kernel=kernel_for(device), **SCORER_OPTIONS), device)),
+    }
+    failed = []
+    for name, part in parts.items():
+        try:
+            document[name] = part()
+        except Exception as exc:  # noqa: BLE001 - recorded; the other parts still run
+            traceback.print_exc()
+            failed.append(name)
+            document[name] = {"error": f"{type(exc).__name__}: {_first_line(exc)}"}
+            memory.release(device)
+        document["oom_recovered"] = document.get("oom", {}).get("oom_recovered", False)
+        document["failed"] = failed
+        document["wall_seconds"] = time.time() - started
+        _write(args.out, document)
     print(table(document))
+    if failed:
+        sys.exit(1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _write(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def table(document: dict[str, Any]) -> str:
-    """The figures as a markdown table."""
-    e, g = document["exactness"], document["grpo"]
-    rows = [("(a) max_abs_diff bf16 packed vs fp32 plain", f"{e['max_abs_diff']:.4f}"),
-            ("(a) mean_abs_diff", f"{e['mean_abs_diff']:.4f}"),
-            ("(a) best-of-N agreement", f"{e['best_of_n_agreement']:.2f}"),
-            ("(b) items/s with reuse", f"{g['items_per_s_reuse']:.1f}"),
-            ("(b) items/s without reuse", f"{g['items_per_s_no_reuse']:.1f}"),
-            ("(b) reuse speed-up", f"{g['reuse_speedup']:.2f}"),
-            ("(b) MFU (vs measured GEMM peak)", f"{g['mfu']:.3f}"),
-            ("(b) GRPO step seconds", f"{g['step_seconds']:.2f}"),
-            ("(b) peak memory GiB", "-" if g["peak_memory_gib"] is None else f"{g['peak_memory_gib']:.1f}"),
-            ("(c) oom_recovered", str(document["oom_recovered"]))]
+    """The figures as a markdown table (a failed part shows its error)."""
+    rows: list[tuple[str, str]] = []
+    for name in ("kernel", "exactness", "grpo", "oom"):
+        if "error" in document.get(name, {}):
+            rows.append((f"{name} FAILED", document[name]["error"]))
+    k, e, g = document.get("kernel", {}), document.get("exactness", {}), document.get("grpo", {})
+    if "contract" in k:
+        rows.append(("attention kernel (contract checked)", k["kernel"] + ("+FA3" if k["fa3"] else "")))
+    if "max_abs_diff" in e:
+        rows += [("(a) max_abs_diff bf16 packed vs fp32 plain", f"{e['max_abs_diff']:.4f}"),
+                 ("(a) mean_abs_diff", f"{e['mean_abs_diff']:.4f}"),
+                 ("(a) best-of-N agreement", f"{e['best_of_n_agreement']:.2f}")]
+    if "mfu" in g:
+        rows += [("(b) items/s with reuse", f"{g['items_per_s_reuse']:.1f}"),
+                 ("(b) items/s without reuse", f"{g['items_per_s_no_reuse']:.1f}"),
+                 ("(b) reuse speed-up", f"{g['reuse_speedup']:.2f}"),
+                 ("(b) MFU (vs measured GEMM peak)", f"{g['mfu']:.3f}"),
+                 ("(b) GRPO step seconds", f"{g['step_seconds']:.2f}"),
+                 ("(b) peak memory GiB", "-" if g["peak_memory_gib"] is None else f"{g['peak_memory_gib']:.1f}")]
+    rows.append(("(c) oom_recovered", str(document["oom_recovered"])))
     return "\n".join(["| check | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
 

@@ -200,6 +200,42 @@ def activate_fa3(device: torch.device) -> bool:
     return True
 
 
+def deactivate_fa3() -> None:
+    """Put torch's own FlashAttention-2 back behind varlen_attn (after FA3 failed the check)."""
+    from torch.nn.attention import restore_flash_attention_impl
+
+    restore_flash_attention_impl(_raise_warn=False)
+
+
+def verify(name: str, device: torch.device, dtype: torch.dtype, *, fa3: bool) -> bool:
+    """Check kernel ``name`` on the device at warm-up; return whether FA3 stays switched in.
+
+    With FA3 switched in, a failure switches it out and checks the torch wheel's
+    FlashAttention-2 instead (a newer FA3 build must not stop a server that FA2 can
+    run); any other failure raises KernelMismatch (one line), which refuses the start.
+    """
+    failure = _failure(name, device, dtype)
+    if failure is not None and fa3:
+        log.warning("FlashAttention-3 fails the kernel check (%s); switching back to FlashAttention-2", failure)
+        deactivate_fa3()
+        fa3, failure = False, _failure(name, device, dtype)
+    if failure is not None:
+        raise failure
+    return fa3
+
+
+def _failure(name: str, device: torch.device, dtype: torch.dtype) -> KernelMismatch | None:
+    """Why kernel ``name`` breaks the contract, or None. A kernel that raises breaks it too."""
+    try:
+        check_kernel(KERNELS[name], device, dtype, bottom_right=name != "cpu_fused")  # cpu_fused: never asked
+    except KernelMismatch as exc:
+        return exc
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return KernelMismatch(f"the kernel raised {type(exc).__name__}: {first}")
+    return None
+
+
 def check_kernel(kernel: Kernel, device: torch.device, dtype: torch.dtype, *, bottom_right: bool = True,
                  heads: int = 4, kv_heads: int = 2, dim: int = 64) -> None:
     """Raise KernelMismatch unless ``kernel`` agrees with ``reference`` on layouts and values.

@@ -203,8 +203,7 @@ class HFScorer(Scorer):
         """
         if self.kernel_name is not None:
             try:
-                attention.check_kernel(attention.KERNELS[self.kernel_name], self.device, self.dtype,
-                                       bottom_right=self.kernel_name != "cpu_fused")
+                self.fa3 = attention.verify(self.kernel_name, self.device, self.dtype, fa3=self.fa3)
             except attention.KernelMismatch as exc:
                 raise ModelLoadError(f"attention kernel {self.kernel_name} on {self.device} breaks its "
                                      f"contract ({exc}); refusing to serve wrong scores") from None

@@ -7,7 +7,10 @@ or is read from stored key/value states (the prefix cache, or an earlier forward
 the same batch). Every item keeps at least one token of its own, its *suffix*.
 
 One forward holds, side by side in one row and in this order:
-  A. prefixes computed here (their states are captured), then items without a prefix;
+  A. prefixes computed here (their states are captured), then items run whole: those
+     without a prefix, and the only item of a new problem (which runs as one causal
+     sequence: the states of its first tokens are those of its prefix, captured from
+     inside it, so it needs no split and no prefix attention);
   B. suffixes of the groups whose prefix is in A, in the same group order;
   C. suffixes of the groups whose prefix is stored.
 Attention is then exactly three varlen calls per layer (models/varlen.py): every
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from models.base import EncodedItem
 from models.prefix import ProblemKey, common_prefix_len, group_by_problem, shared_len
@@ -52,7 +56,7 @@ class ForwardPlan:
     segments: list[Segment]
     row_prefixes: PrefixCall | None  # B against A
     stored_prefixes: PrefixCall | None  # C against stored states
-    captures: list[tuple[ProblemKey, int, int]]  # prefixes of A to keep: (key, row start, row end)
+    captures: list[tuple[ProblemKey, int, int]]  # prefix states to keep: (key, row start, row end)
 
     @property
     def tokens(self) -> int:
@@ -74,16 +78,17 @@ class _Chunk:
 
     prefixes: dict[ProblemKey, Sequence[int]] = field(default_factory=dict)  # computed in this row
     lone: list[Segment] = field(default_factory=list)
+    lone_captures: list[tuple[ProblemKey, int, int]] = field(default_factory=list)  # (key, lone index, tokens)
     row_suffixes: dict[ProblemKey, list[Segment]] = field(default_factory=dict)
     stored_suffixes: dict[ProblemKey, list[Segment]] = field(default_factory=dict)
     tokens: int = 0
 
     def build(self) -> ForwardPlan:
         segments = [Segment(tokens, 0) for tokens in self.prefixes.values()] + self.lone
-        captures, start = [], 0
-        for key, tokens in self.prefixes.items():
-            captures.append((key, start, start + len(tokens)))
-            start += len(tokens)
+        starts = list(accumulate((len(s.tokens) for s in segments), initial=0))
+        captures = [(key, starts[n], starts[n] + len(tokens)) for n, (key, tokens) in enumerate(self.prefixes.items())]
+        first = len(self.prefixes)
+        captures += [(key, starts[first + n], starts[first + n] + length) for key, n, length in self.lone_captures]
         row = self._call(self.row_suffixes, segments)
         stored = self._call(self.stored_suffixes, segments)
         return ForwardPlan(segments, row, stored, captures)
@@ -107,17 +112,23 @@ def plan_batch(items: Sequence[EncodedItem], *, reuse: bool, chunk_tokens: int, 
     """Forwards of at most ``chunk_tokens`` tokens each that score every item once.
 
     ``stored(key)`` gives the tokens of a kept prefix of that problem, or None.
-    ``keep_single``: split a lone item of a problem into prefix and suffix anyway, so
-    that its prefix is captured for later batches (true when a prefix cache exists).
+    ``keep_single``: keep the prefix states of the only item of a new problem for later
+    batches (true when a prefix cache exists); the item runs whole, its prefix's states
+    captured from its own first tokens.
     A segment longer than ``chunk_tokens`` gets a forward of its own.
     """
-    groups: list[_Group | int] = []  # in order of first appearance; ints are items without a prefix
+    groups: list[_Group | int] = []  # in order of first appearance; ints are items run whole
+    captured_whole: dict[int, tuple[ProblemKey, int]] = {}  # item run whole -> (key, prefix tokens to keep)
     for key, members in (group_by_problem(items) if reuse else [(None, [i]) for i in range(len(items))]):
         shared = shared_len(items, members) if key is not None else 0
         if key is None or shared == 0 or (len(members) == 1 and not keep_single):
             groups.extend(members)
             continue
         kept = stored(key)
+        if kept is None and len(members) == 1:  # the only item of a new problem: its own first tokens
+            captured_whole[members[0]] = (key, shared)
+            groups.append(members[0])
+            continue
         if kept is not None:
             shared = common_prefix_len([kept, items[members[0]].input_ids[:shared]])
             if shared == 0:  # a stored prefix that shares nothing with this batch's items
@@ -138,6 +149,9 @@ def plan_batch(items: Sequence[EncodedItem], *, reuse: bool, chunk_tokens: int, 
     for unit in groups:
         if isinstance(unit, int):
             make_room(items[unit].length)
+            if unit in captured_whole:
+                key, shared = captured_whole[unit]
+                chunk.lone_captures.append((key, len(chunk.lone), shared))
             chunk.lone.append(Segment(items[unit].input_ids, 0, unit))
             chunk.tokens += items[unit].length
             continue

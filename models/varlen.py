@@ -13,7 +13,7 @@ CUDA, the fused CPU kernel per sequence here, the float32 reference in the tests
 2. suffix queries against the prefix computed in the same row (a slice of the row's
    keys, no copy) and against stored prefix states (one call each);
 3. the parts merged by their log-sum-exps: softmax over [prefix; own] keys equals
-   ``prefix_out + sigmoid(own_lse - prefix_lse) * (own_out - prefix_out)``, in place.
+   ``own_out + sigmoid(prefix_lse - own_lse) * (prefix_out - own_out)``, one in-place lerp.
 Everything a layer needs (offsets, positions, gather indices) is uploaded once per
 forward in one host-to-device copy; nothing inside the layers syncs with the host.
 """
@@ -85,9 +85,10 @@ def cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Pack
             pk, pv = k[: part.row_keys], v[: part.row_keys]
         s, e = part.q_start, part.q_end
         pre_out, pre_lse = p.kernel(q[s:e], pk, pv, part.seqs, False, scale)
-        weight = torch.sigmoid(lse[:, s:e] - pre_lse).transpose(0, 1).unsqueeze(-1)  # [n, H, 1], fp32
-        mixed = out[s:e]  # pre + w * (own - pre), in place: no temporaries per layer
-        mixed.sub_(pre_out).mul_(weight.to(mixed.dtype)).add_(pre_out)
+        # own + sigmoid(pre_lse - own_lse) * (pre - own): one in-place kernel that computes in
+        # float32 on CUDA for bf16 inputs (a sub/mul/add chain would round three times).
+        to_prefix = torch.sigmoid(pre_lse - lse[:, s:e]).transpose(0, 1).unsqueeze(-1)  # [n, H, 1]
+        out[s:e].lerp_(pre_out, to_prefix.to(out.dtype))
     return out.unsqueeze(0)
 
 
@@ -179,8 +180,9 @@ class PackedRunner:
         offsets = list(accumulate(lengths, initial=0))
         scored = [(offsets[i + 1] - 1, s.item) for i, s in enumerate(segments) if s.item is not None]
         calls = [c for c in (plan.row_prefixes, plan.stored_prefixes) if c is not None]
+        row_ids = list(chain.from_iterable(s.tokens for s in segments))
         ids, positions, last, *cus = _upload(
-            self.device, list(chain.from_iterable(s.tokens for s in segments)),
+            self.device, row_ids,
             list(chain.from_iterable(range(s.position, s.position + len(s.tokens)) for s in segments)),
             [row for row, _ in scored], offsets,
             *(list(accumulate(lens, initial=0)) for c in calls for lens in (c.q_lens, c.k_lens)),
@@ -193,12 +195,12 @@ class PackedRunner:
             part = self._prefix_part(call, call is plan.stored_prefixes, states)
             part.seqs.cu = (cu[1 + 2 * n], cu[2 + 2 * n])
             packed.prefixes.append(part)
-        for n, (key, start, end) in enumerate(plan.captures):  # the row's first segments are these prefixes
+        for key, start, end in plan.captures:  # a prefix segment, or the first tokens of an item run whole
             buffer = torch.empty(self.layers, 2, end - start, self.kv_heads, self.head_dim,
                                  dtype=self.dtype, device=self.device)
             packed.captures.append((start, end, buffer))
             states[key] = buffer
-            new[key] = CachedPrefix(tuple(segments[n].tokens), buffer, buffer.numel() * buffer.element_size())
+            new[key] = CachedPrefix(tuple(row_ids[start:end]), buffer, buffer.numel() * buffer.element_size())
         hidden = self.model.base_model(
             input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0), attention_mask=self._no_masks,
             use_cache=False, codescaler_pass=packed,

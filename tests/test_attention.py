@@ -110,6 +110,73 @@ def test_a_broken_kernel_stops_the_warm_up_with_one_line(model_cache: Path, monk
     assert "\n" not in line and "attention kernel reference" in line and "refusing" in line
 
 
+def test_a_kernel_that_raises_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def raising(q, k, v, seqs, causal, scale):  # type: ignore[no-untyped-def]
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore detail")
+
+    monkeypatch.setitem(attention.KERNELS, "reference", raising)
+    with pytest.raises(KernelMismatch) as raised:
+        attention.verify("reference", torch.device("cpu"), torch.float32, fa3=False)
+    assert str(raised.value) == "the kernel raised RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+
+
+class SwitchableImpl:
+    """Stands in for torch's flash-attention registry: FA3 (broken in a given way) until switched out."""
+
+    def __init__(self, broken_fa3, broken_fa2=None) -> None:  # type: ignore[no-untyped-def]
+        self.fa3_on, self.switched_out = True, 0
+        self.broken_fa3, self.broken_fa2 = broken_fa3, broken_fa2
+
+    def kernel(self, q, k, v, seqs, causal, scale):  # type: ignore[no-untyped-def]
+        broken = self.broken_fa3 if self.fa3_on else self.broken_fa2
+        return (broken or reference)(q, k, v, seqs, causal, scale)
+
+    def deactivate(self) -> None:
+        self.fa3_on = False
+        self.switched_out += 1
+
+
+@pytest.mark.parametrize("broken_fa3", [transposed_lse, top_left_causal])
+def test_fa3_failing_the_check_is_switched_back_to_fa2(broken_fa3, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    impl = SwitchableImpl(broken_fa3)
+    monkeypatch.setitem(attention.KERNELS, "reference", impl.kernel)
+    monkeypatch.setattr(attention, "deactivate_fa3", impl.deactivate)
+    assert attention.verify("reference", torch.device("cpu"), torch.float32, fa3=True) is False
+    assert impl.switched_out == 1 and not impl.fa3_on
+
+
+def test_fa3_that_keeps_the_contract_stays_and_fa2_failing_too_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    kept = SwitchableImpl(None)
+    monkeypatch.setitem(attention.KERNELS, "reference", kept.kernel)
+    monkeypatch.setattr(attention, "deactivate_fa3", kept.deactivate)
+    assert attention.verify("reference", torch.device("cpu"), torch.float32, fa3=True) is True
+    assert kept.switched_out == 0
+    both = SwitchableImpl(transposed_lse, base2_lse)
+    monkeypatch.setitem(attention.KERNELS, "reference", both.kernel)
+    monkeypatch.setattr(attention, "deactivate_fa3", both.deactivate)
+    with pytest.raises(KernelMismatch, match="differs from the plain computation"):
+        attention.verify("reference", torch.device("cpu"), torch.float32, fa3=True)
+    assert both.switched_out == 1
+
+
+def test_warm_up_reports_fa3_switched_out(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    impl = SwitchableImpl(top_left_causal)
+    monkeypatch.setitem(attention.KERNELS, "reference", impl.kernel)
+    monkeypatch.setattr(attention, "deactivate_fa3", impl.deactivate)
+    scorer = HFScorer("tiny-random", cache_dir=model_cache, device="cpu", dtype="float32", kernel="reference",
+                      max_batch_tokens=1024, max_batch_items=8)
+    scorer.fa3 = True  # as activate_fa3 leaves it on an sm90 GPU with flash_attn_interface installed
+    scorer.warmup()
+    assert impl.switched_out == 1 and scorer.info()["attention_kernel"] == "reference"
+
+
+def test_switching_fa3_out_restores_torchs_default_implementation() -> None:
+    from torch.nn.attention import current_flash_attention_impl
+
+    attention.deactivate_fa3()  # nothing active here: a no-op that must not raise or warn
+    assert current_flash_attention_impl() is None
+
+
 def test_auto_picks_the_device_kernel() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert attention.choose("auto", cuda, torch.bfloat16) == "torch_varlen"

@@ -63,10 +63,25 @@ def test_stored_prefixes_are_read_not_run() -> None:
     items = [rollout(1, 5, 3, tag) for tag in range(2)] + [rollout(2, 4, 2)]
     (plan,) = plan_batch(items, reuse=True, chunk_tokens=1000, keep_single=True,
                          stored=lambda key: key if key == (1,) * 5 else None)
-    assert plan.tokens == 3 + 3 + 4 + 2  # problem 1 came from the cache, problem 2 (alone) is split to be kept
+    assert plan.tokens == 3 + 3 + 4 + 2  # problem 1 came from the cache, problem 2 (alone) runs whole
     stored = plan.stored_prefixes
     assert stored is not None and stored.keys == [(1,) * 5] and stored.k_lens == [5] and stored.q_lens == [6]
-    assert plan.captures == [((2,) * 4, 0, 4)]
+    assert [(len(s.tokens), s.position, s.item) for s in plan.segments] == [(6, 0, 2), (3, 5, 0), (3, 5, 1)]
+    assert plan.captures == [((2,) * 4, 0, 4)]  # kept from the first tokens of the item run whole
+
+
+def test_the_only_item_of_a_new_problem_runs_whole_and_its_prefix_is_kept_from_inside_it() -> None:
+    a = [rollout(1, 5, 3, tag) for tag in range(2)]
+    single = rollout(2, 4, 2)
+    (plan,) = plan_batch([a[0], single, a[1]], reuse=True, chunk_tokens=1000, keep_single=True, stored=never)
+    layout = [(len(s.tokens), s.position, s.item) for s in plan.segments]
+    assert layout == [(5, 0, None), (6, 0, 1), (3, 5, 0), (3, 5, 2)]  # no split, no prefix attention for it
+    assert plan.captures == [((1,) * 5, 0, 5), ((2,) * 4, 5, 9)]
+    row = plan.row_prefixes
+    assert row is not None and (row.q_start, row.q_end, row.q_lens, row.k_lens) == (11, 17, [6], [5])
+    (alone,) = plan_batch([single], reuse=True, chunk_tokens=1000, keep_single=True,
+                          stored=lambda key: (2,) * 4)  # stored already: read, not run
+    assert plan.tokens == 17 and alone.tokens == 2 and not alone.captures
 
 
 def test_a_group_split_across_forwards_runs_its_prefix_once() -> None:

@@ -122,8 +122,10 @@ def test_reuse_on_and_off_agree(scorer: HFScorer, mixed_items: list[EncodedItem]
     assert scorer.score(mixed_items) == pytest.approx(on, abs=TOL)
 
 
-def test_a_problem_is_reused_from_the_cache_in_a_later_batch(model_cache: Path, reference) -> None:  # type: ignore[no-untyped-def]
-    scorer = HFScorer("tiny-random", cache_dir=model_cache, device="cpu", dtype="float32")
+@pytest.mark.parametrize("kernel", ["cpu_fused", "reference"])
+def test_a_problem_is_reused_from_the_cache_in_a_later_batch(model_cache: Path, reference, kernel: str) -> None:  # type: ignore[no-untyped-def]
+    """The only item of a problem runs whole; its first tokens' states serve the later rollouts."""
+    scorer = HFScorer("tiny-random", cache_dir=model_cache, device="cpu", dtype="float32", kernel=kernel)
     items = [scorer.encode(problem(3), code(3, k)) for k in range(5)]
     first, stats = scorer.score_with_stats(items[:1])
     assert stats is not None and stats.tokens == items[0].length
