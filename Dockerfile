@@ -56,7 +56,11 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/cod
 
 # Everything written at run time goes to /cache (model downloads and the tiny model), so the root
 # file system can be read-only (docker run --read-only --tmpfs /tmp ...).
+# Expandable segments: prefix states of every length and batches of every shape come and go on
+# the GPU; without them the caching allocator can fragment, and an allocation fail while the
+# memory it needs is free in pieces.
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/cache/huggingface \

@@ -11,7 +11,9 @@ behind the varlen contract (models/attention.py) differs: torch's varlen_attn on
 CUDA, the fused CPU kernel per sequence here, the float32 reference in the tests.
 1. every segment causally against itself (one call);
 2. suffix queries against the prefix computed in the same row (a slice of the row's
-   keys, no copy) and against stored prefix states (one call each);
+   keys, no copy) and against stored prefix states (one call each; several stored
+   prefixes are gathered one layer at a time, so the copy holds one layer's keys and
+   values, never the whole model's);
 3. the parts merged by their log-sum-exps: softmax over [prefix; own] keys equals
    ``own_out + sigmoid(prefix_lse - own_lse) * (prefix_out - own_out)``, one in-place lerp.
 Everything a layer needs (offsets, positions, gather indices) is uploaded once per
@@ -54,7 +56,7 @@ class _PrefixAttention:
     q_end: int
     seqs: Seqs
     row_keys: int | None = None  # keys are the row's first ``row_keys`` tokens
-    stored: torch.Tensor | None = None  # else [layers, 2, tokens, kv_heads, head_dim]
+    stored: list[torch.Tensor] | None = None  # else per group [layers, 2, tokens, kv_heads, head_dim]
 
 
 @dataclass(slots=True)
@@ -80,7 +82,7 @@ def cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Pack
     out, lse = p.kernel(q, k, v, p.own, True, scale)
     for part in p.prefixes:
         if part.stored is not None:
-            pk, pv = part.stored[layer, 0], part.stored[layer, 1]
+            pk, pv = _layer_states(part.stored, layer)
         else:
             pk, pv = k[: part.row_keys], v[: part.row_keys]
         s, e = part.q_start, part.q_end
@@ -90,6 +92,19 @@ def cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Pack
         to_prefix = torch.sigmoid(pre_lse - lse[:, s:e]).transpose(0, 1).unsqueeze(-1)  # [n, H, 1]
         out[s:e].lerp_(pre_out, to_prefix.to(out.dtype))
     return out.unsqueeze(0)
+
+
+def _layer_states(parts: list[torch.Tensor], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[tokens, kv_heads, head_dim]`` of one layer of the stored prefixes, back to back.
+
+    One prefix is a view; several are gathered by one cat for this layer only. A cat of
+    whole states before the forward would hold every layer's copy at once: 64 stored
+    3,000-token problems of an 8B-shaped model are 26 GiB, one layer of them 0.7 GiB.
+    """
+    if len(parts) == 1:
+        return parts[0][layer, 0], parts[0][layer, 1]
+    both = torch.cat([p[layer] for p in parts], dim=1)  # [2, tokens, kv_heads, head_dim]
+    return both[0], both[1]
 
 
 def install(model: Any) -> str:
@@ -211,10 +226,9 @@ class PackedRunner:
                 results[item] = value  # type: ignore[index]
 
     def _prefix_part(self, call: PrefixCall, stored: bool, states: dict[ProblemKey, torch.Tensor]) -> _PrefixAttention:
-        """Where a prefix call finds its keys: the row's first tokens, or the stored states (one copy per forward)."""
+        """Where a prefix call finds its keys: the row's first tokens, or the stored states (views, no copy)."""
         seqs = Seqs.of(call.q_lens, call.k_lens, self.device)
         if not stored:
             return _PrefixAttention(call.q_start, call.q_end, seqs, row_keys=sum(call.k_lens))
         parts = [states[key][:, :, :n] for key, n in zip(call.keys, call.k_lens, strict=True)]
-        kv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return _PrefixAttention(call.q_start, call.q_end, seqs, stored=kv)
+        return _PrefixAttention(call.q_start, call.q_end, seqs, stored=parts)
