@@ -19,8 +19,8 @@ Three kernels keep it:
 
 ``check_kernel`` compares a kernel with ``reference`` on a small random problem that
 tells the layouts apart (H != T_q; a causal sequence with q shorter than k) and is run
-once at warm-up, so a kernel whose layout changed refuses to start instead of silently
-computing wrong scores.
+once at warm-up (``verify``), so a kernel whose layout changed refuses to start instead of
+silently computing wrong scores; FA3 that fails is switched back to the wheel's FA2 first.
 """
 
 from __future__ import annotations

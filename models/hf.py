@@ -198,7 +198,8 @@ class HFScorer(Scorer):
         """Check the attention kernel, run the largest batch twice, then size the prefix cache.
 
         The kernel check makes a kernel whose layouts changed refuse to start (one line)
-        instead of serving wrong scores. The largest batch (``max_batch_tokens`` of GRPO
+        instead of serving wrong scores; FA3 that fails it is switched back to FA2, which is
+        checked in its place (attention.verify). The largest batch (``max_batch_tokens`` of GRPO
         groups, ``max_batch_items`` at most) reserves the activation memory of a full
         forward; its second run reads the prefixes back from the cache. What is then free
         sizes the prefix cache when the settings leave it open.

@@ -1,14 +1,17 @@
 """Request and response models of the HTTP API, with the limits that need no settings.
 
 Configurable limits (items per request, characters per field, body bytes) are checked
-by the routes against the Settings, before any extraction or tokenization.
+by the routes against the Settings, before any extraction or tokenization. Integer and
+boolean fields take what JSON Schema calls integer and boolean (``2`` and ``2.0``; ``true``),
+never a coercion: a caller that sends ``0.0`` for a boolean or ``"1"`` for an integer has a
+bug that deserves a 422.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 
 def check_unicode(value: str) -> str:
@@ -28,6 +31,19 @@ ExtractionName = Literal["paper", "lenient", "none"]
 ShapingName = Literal["softplus", "none"]
 
 
+def _integer(value: object) -> object:
+    """JSON Schema's integer: an int, or a float without a fraction (``2.0``); never a bool or a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integer)]
+
 class ScoreItem(BaseModel):
     """One (problem, response) pair."""
 
@@ -44,7 +60,7 @@ class ScoreRequest(BaseModel):
     items: list[ScoreItem] = Field(min_length=1)
     extraction: ExtractionName | None = None
     shaping: ShapingName | None = None
-    return_code: bool = False
+    return_code: StrictBool = False
 
 
 class RankRequest(BaseModel):
@@ -56,8 +72,8 @@ class RankRequest(BaseModel):
     language: str | None = Field(None, max_length=32)
     extraction: ExtractionName | None = None
     shaping: ShapingName | None = None
-    top_k: int | None = Field(None, ge=1)
-    return_code: bool = False
+    top_k: Annotated[int, Field(ge=1), BeforeValidator(_integer)] | None = None
+    return_code: StrictBool = False
 
 
 class ExtractionInfo(BaseModel):
@@ -169,10 +185,10 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     model: str | None = Field(None, description="Accepted, not checked: the served model answers.")
-    use_activation: bool | None = Field(None, description="false: the shaped reward; true (default): sigmoid.")
-    activation: bool | None = Field(None, description="Older name of use_activation (used when it is unset).")
-    truncate_prompt_tokens: int | None = Field(None, description="Accepted, not honoured (see README).")
-    priority: int = Field(0, description="Accepted, not honoured: one queue, first come first served.")
+    use_activation: StrictBool | None = Field(None, description="false: the shaped reward; true (default): sigmoid.")
+    activation: StrictBool | None = Field(None, description="Older name of use_activation (used when it is unset).")
+    truncate_prompt_tokens: Integer | None = Field(None, description="Accepted, not honoured (see README).")
+    priority: Integer = Field(0, description="Accepted, not honoured: one queue, first come first served.")
     request_id: Text | None = Field(None, max_length=256, description="Becomes the response id.")
 
 

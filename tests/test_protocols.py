@@ -279,3 +279,25 @@ async def test_characters_are_limited_per_item_and_items_per_request() -> None:
                             "error": "too_long"}
     assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "payload_too_large"
     assert scorer.encoded == 1  # neither over-long item nor the refused request was tokenized
+
+
+@pytest.mark.parametrize(("path", "field", "refused", "accepted"), [
+    ("/v1/classify", "use_activation", 0.0, False),  # what the schemathesis fuzz found accepted as False
+    ("/v1/classify", "activation", "false", False),
+    ("/v1/classify", "truncate_prompt_tokens", 1.5, 1.0),  # JSON Schema's integer includes 1.0
+    ("/v1/classify", "priority", "0", 0),
+    ("/v1/score", "return_code", 1, True),
+    ("/v1/rank", "top_k", "2", 2.0),
+    ("/v1/rank", "top_k", True, 2),
+])
+async def test_integers_and_booleans_are_not_coerced(path: str, field: str, refused: object, accepted: object) -> None:
+    """The schema says integer or boolean: 0.0, "false", "2" or 1.5 there is a caller's bug, refused with 422."""
+    scorer = CountingScorer()
+    code = "```python\nprint(1)\n```"
+    bodies = {"/v1/classify": {"input": CHAT}, "/v1/score": {"items": [{"problem": "p", "response": code}]},
+              "/v1/rank": {"problem": "p", "responses": [code]}}
+    async with app_client(create_app(Settings(model="fake"), scorer)) as client:
+        no = await client.post(path, json={**bodies[path], field: refused})
+        yes = await client.post(path, json={**bodies[path], field: accepted})
+    assert no.status_code == 422 and yes.status_code == 200
+    assert scorer.encoded == 1  # the refused request was not tokenized
