@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from loadtests.flops import forward_flops
 from loadtests.oom_check import SCORER_OPTIONS, check_oom, kernel_for
 from models import attention, memory, tiny
-from models.base import EncodedItem
+from models.base import EncodedItem, first_line
 from models.hf import HFScorer
 
 SHAPE_1_7B = {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
@@ -96,8 +96,7 @@ def sync(device: torch.device) -> None:
 def check_attention(device: torch.device) -> dict[str, Any]:
     """The service's attention kernel on this device against the plain computation (warm-up's check)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = attention.choose("auto", device, dtype)
-    fa3 = name == "torch_varlen" and attention.activate_fa3(device)
+    name, fa3 = attention.select("auto", device, dtype)  # as HFScorer picks it
     fa3 = attention.verify(name, device, dtype, fa3=fa3)  # raises KernelMismatch: the part fails
     return {"kernel": name, "dtype": str(dtype).removeprefix("torch."), "fa3": fa3, "contract": "kept"}
 
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as exc:  # noqa: BLE001 - recorded; the other parts still run
             traceback.print_exc()
             failed.append(name)
-            document[name] = {"error": f"{type(exc).__name__}: {_first_line(exc)}"}
+            document[name] = {"error": f"{type(exc).__name__}: {first_line(exc, 300)}"}
             memory.release(device)
         document["oom_recovered"] = document.get("oom", {}).get("oom_recovered", False)
         document["failed"] = failed
@@ -249,11 +248,6 @@ def main(argv: list[str] | None = None) -> None:
     print(table(document))
     if failed:
         sys.exit(1)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def _write(path: Path, document: dict[str, Any]) -> None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.base import first_line
+
 log = logging.getLogger(__name__)
 
 #: (q, k, v, seqs, causal, scale) -> (out [T_q, H, D], lse [H, T_q] float32)
@@ -184,6 +186,12 @@ def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return "reference" if dtype == torch.float32 else "torch_varlen"
 
 
+def select(name: str, device: torch.device, dtype: torch.dtype) -> tuple[str, bool]:
+    """The kernel for ``name`` on this device (``choose``), and whether FA3 was switched in behind it."""
+    chosen = choose(name, device, dtype)
+    return chosen, chosen == "torch_varlen" and activate_fa3(device)
+
+
 def activate_fa3(device: torch.device) -> bool:
     """Swap FlashAttention-3 in behind varlen_attn where its package is installed on sm90."""
     if device.type != "cuda" or importlib.util.find_spec("flash_attn_interface") is None:
@@ -231,8 +239,7 @@ def _failure(name: str, device: torch.device, dtype: torch.dtype) -> KernelMisma
     except KernelMismatch as exc:
         return exc
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return KernelMismatch(f"the kernel raised {type(exc).__name__}: {first}")
+        return KernelMismatch(f"the kernel raised {type(exc).__name__}: {first_line(exc)}")
     return None
 
 

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from models.cost import BatchCost
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters ('' when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded; the message names the model and the reason."""
 

@@ -105,8 +105,7 @@ class HFScorer(Scorer):
         self.fa3 = False
         self.runner: PackedRunner | PaddedRunner
         if packed is not False and varlen.supported(self.model):
-            self.kernel_name = attention.choose(kernel, self.device, self.dtype)
-            self.fa3 = self.kernel_name == "torch_varlen" and attention.activate_fa3(self.device)
+            self.kernel_name, self.fa3 = attention.select(kernel, self.device, self.dtype)
             varlen.install(self.model)
             if chunk_tokens is None:
                 chunk_tokens = max_batch_tokens if self.device.type != "cpu" else min(max_batch_tokens, CPU_CHUNK_TOKENS)

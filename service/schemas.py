@@ -44,6 +44,7 @@ def _integer(value: object) -> object:
 
 Integer = Annotated[int, BeforeValidator(_integer)]
 
+
 class ScoreItem(BaseModel):
     """One (problem, response) pair."""
 
@@ -72,6 +73,7 @@ class RankRequest(BaseModel):
     language: str | None = Field(None, max_length=32)
     extraction: ExtractionName | None = None
     shaping: ShapingName | None = None
+    # Field(ge=1) goes on the int itself: on ``Integer`` it would reach the schema as "ge", not "minimum".
     top_k: Annotated[int, Field(ge=1), BeforeValidator(_integer)] | None = None
     return_code: StrictBool = False
 
