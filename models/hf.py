@@ -38,9 +38,8 @@ log = logging.getLogger(__name__)
 EXPECTED_PAD_TOKEN_ID = tiny.PAD_TOKEN_ID
 #: Tokens per packed forward on a CPU when the settings leave it open. Matrix products are as
 #: efficient at 2,048 rows as at more, while the norms, activations and residual adds only stay
-#: in the CPU's caches in small forwards: with loadtests/bench.py's model on 2 cores, 96 GRPO
-#: items ran 8-15% faster in forwards of 2,048 tokens than of 4,096 (with and without prefix
-#: reuse; 1,024 and 8,192 were both slower than 2,048).
+#: in the CPU's caches in small forwards. The recorded benchmark (loadtests/results/bench.json)
+#: ran with this value; compare another with ``loadtests/bench.py --service-arg=--chunk-tokens=N``.
 CPU_CHUNK_TOKENS = 2048
 #: Rollouts per problem in the warm-up batch (a GRPO group).
 WARMUP_GROUP = 8
